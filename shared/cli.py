@@ -1,0 +1,97 @@
+"""The command line shared by every script (CONTRACTS.md). Torch-free: flags are validated before
+anything heavy is imported, so a wrong flag fails in well under a second."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with CONTRACTS.md's error format: one line on stderr, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, low=None, high=None, low_open=False, name="a number"):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 1, name="a positive integer")
+nonneg_int = _number(int, 0, name="an integer >= 0")
+positive_float = _number(float, 0.0, float("inf"), low_open=True, name="a positive number")
+nonneg_float = _number(float, 0.0, float("inf"), name="a number >= 0")
+fraction = _number(float, 0.0, 1.0, name="a number in [0, 1]")
+open_fraction = _number(float, 0.0, 1.0, low_open=True, name="a number in (0, 1]")
+any_int = _number(int, name="an integer")
+
+
+def add_training_flags(p: argparse.ArgumentParser, presets: list[str]) -> None:
+    """The engine's flags, identical in every training script. Unset flags keep the preset's value."""
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=presets, help="named configuration; the flags below override its fields")
+    g.add_argument("--output-dir", type=Path, help="run directory (default: runs/<preset>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t = p.add_argument_group("training (defaults come from the preset)")
+    t.add_argument("--max-steps", type=positive_int, help="optimiser steps to train for (skipped updates do not count)")
+    t.add_argument("--epochs", type=positive_int, help="epochs to train for, when --max-steps is not given")
+    t.add_argument("--batch-size", type=positive_int, help="global batch per optimiser step (over processes x --grad-accum)")
+    t.add_argument("--grad-accum", type=positive_int, help="gradient accumulation steps")
+    t.add_argument("--lr", type=positive_float, help="Adamax learning rate")
+    t.add_argument("--seed", type=nonneg_int, help="seed of the training noise and data order")
+    t.add_argument("--split-seed", type=nonneg_int, help="seed of the train/validation/test carving (default 0)")
+    t.add_argument("--eval-every", type=positive_int, help="validate every N optimiser steps")
+    t.add_argument("--eval-examples", type=positive_int, help="validation examples per evaluation (default: all)")
+    t.add_argument("--eval-batch-size", type=positive_int, help="batch size of evaluation")
+    t.add_argument("--save-every", type=positive_int, help="checkpoint every N optimiser steps")
+    t.add_argument("--keep-checkpoints", type=positive_int, help="keep the last N checkpoints")
+    t.add_argument("--log-every", type=positive_int, help="write training metrics every N steps")
+    t.add_argument("--ema-decay", type=fraction, help="decay of the EMA weights used for evaluation and export")
+    f = p.add_argument_group("free bits (DESIGN.md §5)")
+    f.add_argument("--free-bits", type=nonneg_float, help="lambda per latent group, in nats (images)")
+    f.add_argument("--free-bits-budget", type=nonneg_float, help="total budget B in nats, split over the groups (text)")
+    f.add_argument("--free-bits-patience", type=positive_int, help="evaluations without improvement before B drops")
+    f.add_argument("--free-bits-factor", type=fraction, help="B <- B * factor on a plateau (0: straight to lambda = 0)")
+    f.add_argument("--free-bits-threshold", type=nonneg_float, help="improvement in nats per example that counts")
+    f.add_argument("--free-bits-min", type=nonneg_float, help="below this total budget, B becomes 0")
+    f.add_argument("--analytic-kl", action="store_true", default=None,
+                   help="closed-form KL for top-down groups in the training loss (reported bounds never change)")
+    s = p.add_argument_group("speed and safety")
+    s.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (log-densities stay fp32)")
+    s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    s.add_argument("--grad-clip", type=positive_float, help="clip the global gradient norm to this value")
+    s.add_argument("--skip-threshold", type=positive_float, help="skip updates whose gradient norm exceeds this")
+    s.add_argument("--max-skips", type=positive_int, help="stop after this many skipped updates in a row")
+    s.add_argument("--num-workers", type=nonneg_int, help="data loader worker processes")
+
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def training_overrides(args: argparse.Namespace) -> dict:
+    """TrainConfig fields the user set explicitly on the command line."""
+    return {name: getattr(args, name) for name in TRAIN_FIELDS
+            if getattr(args, name, None) is not None}
+
+
+def default_output_dir(preset: str) -> Path:
+    import time
+
+    return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,132 @@
+"""Evaluation over a whole dataset, sharded over processes without duplicates or drops.
+
+Each process takes the examples ``rank, rank + world, ...``; sums are reduced across processes and
+noise is keyed per example, so the figures equal the single-process ones on the same weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .bounds import ActiveUnits, bits_per_dim, elbo, iw_bound
+from .distributions import HashedNoise
+
+
+@dataclass
+class EvalResult:
+    num_examples: int
+    num_dims: float  # sub-pixels or tokens, summed over the examples
+    elbo: float  # mean L_1 (or L^{>k}) in nats per example
+    kl: float  # mean total KL in nats per example
+    kl_per_group: list[float]
+    iw: float | None = None  # mean L_K in nats per example
+    iw_samples: int = 0
+    active_units: dict | None = None
+    per_example: dict = field(default_factory=dict)  # name -> (N,) tensor in example order
+
+    @property
+    def bits_per_dim_elbo(self) -> float:
+        return float(bits_per_dim(self.elbo * self.num_examples, self.num_dims))
+
+    @property
+    def bits_per_dim_iw(self) -> float | None:
+        return None if self.iw is None else float(bits_per_dim(self.iw * self.num_examples, self.num_dims))
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def shard_indices(n: int, rank: int, world: int, limit: int | None = None) -> list[int]:
+    n = n if limit is None else min(n, limit)
+    return list(range(rank, n, world))
+
+
+def _gather_per_example(accelerator, index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All processes' (index, value) pairs, padded to equal length for the collective, sorted by index."""
+    if accelerator is None or accelerator.num_processes == 1:
+        order = index.argsort()
+        return index[order], values[order]
+    n = torch.tensor([index.numel()], device=index.device)
+    longest = int(accelerator.gather(n).max())
+    pad = longest - index.numel()
+    index = torch.cat([index, torch.full((pad,), -1, device=index.device, dtype=index.dtype)])
+    values = torch.cat([values, torch.zeros(pad, device=values.device, dtype=values.dtype)])
+    index, values = accelerator.gather(index), accelerator.gather(values)
+    keep = index >= 0
+    index, values = index[keep], values[keep]
+    order = index.argsort()
+    return index[order], values[order]
+
+
+@torch.no_grad()
+def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, accelerator=None,
+             iw_samples: int = 0, iw_chunk: int = 100, k: int = 0, max_examples: int | None = None,
+             active_units: bool = False, per_example: bool = False, desc: str = "eval",
+             num_workers: int = 0, device=None, progress: bool = True) -> EvalResult:
+    """L_1 (or L^{>k}), optionally L_K and active units, over ``dataset`` (dropout off)."""
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    device = device or (accelerator.device if accelerator else next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    subset = Subset(dataset, shard_indices(len(dataset), rank, world, max_examples))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the global RNG of training untouched
+    G = model.num_groups
+    sums = torch.zeros(4 + G, dtype=torch.float64, device=device)  # count, dims, elbo, iw, kl_g...
+    au = ActiveUnits() if active_units and G > 0 else None
+    idx_all, elbo_all, iw_all = [], [], []
+    import contextlib
+
+    autocast = accelerator.autocast if accelerator else contextlib.nullcontext
+    show = progress and rank == 0 and len(loader) > 1
+    for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+        batch = _to_device(batch, device)
+        with autocast():
+            out = elbo(model, batch, seed=seed, k=k)
+            lb = out.bound().double()
+            sums[0] += lb.numel()
+            sums[1] += model.data_size(batch).double().sum()
+            sums[2] += lb.sum()
+            if G:
+                sums[4:] += out.kl.double().sum(0)
+            if iw_samples:
+                lk = iw_bound(model, batch, iw_samples, seed=seed, k=k, chunk_size=iw_chunk).double()
+                sums[3] += lk.sum()
+                iw_all.append(lk)
+            if au is not None:
+                au.update(model.posterior_means(batch, HashedNoise(seed, batch["index"])))
+        if per_example:
+            idx_all.append(batch["index"])
+            elbo_all.append(lb)
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+        if au is not None and au.sums is not None:
+            merged = [accelerator.reduce(t, reduction="sum") for t in au.merge_tensors()]
+            au.sums = [m[: m.numel() // 2] for m in merged]
+            au.squares = [m[m.numel() // 2:] for m in merged]
+            au.count = int(sums[0].item())
+    count = max(int(sums[0].item()), 1)
+    result = EvalResult(
+        num_examples=int(sums[0].item()),
+        num_dims=float(sums[1].item()),
+        elbo=float(sums[2].item() / count),
+        kl=float(sums[4:].sum().item() / count) if G else 0.0,
+        kl_per_group=[float(v / count) for v in sums[4:].tolist()],
+        iw=float(sums[3].item() / count) if iw_samples else None,
+        iw_samples=iw_samples,
+        active_units=au.result() if au is not None else None,
+    )
+    if per_example:
+        index = torch.cat(idx_all) if idx_all else torch.zeros(0, dtype=torch.long, device=device)
+        values = torch.cat(elbo_all) if elbo_all else torch.zeros(0, dtype=torch.float64, device=device)
+        _, result.per_example["bound"] = _gather_per_example(accelerator, index, values)
+        if iw_samples:
+            _, result.per_example["iw"] = _gather_per_example(accelerator, index, torch.cat(iw_all))
+        result.per_example["index"] = _gather_per_example(accelerator, index, index.double())[0]
+    model.train(was_training)
+    return result

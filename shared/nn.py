@@ -1,0 +1,89 @@
+"""Building blocks for feature maps of any spatial rank: (B, C) dense, (B, C, T) 1-D, (B, C, H, W) 2-D.
+
+Everything is weight-normalised (Salimans & Kingma 2016) with explicit ``v`` and ``g`` parameters, so
+state dicts are plain tensors (safetensors-friendly) and EMA copies need no parametrisation hooks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WNConv(nn.Module):
+    """Weight-normalised convolution over ``ndim`` spatial dims (ndim 0 = linear layer).
+
+    ``stride`` > 1 downsamples with 'same' padding (odd kernels); ``init_scale`` < 1 shrinks the
+    initial output, which keeps deep residual stacks near the identity at the start.
+    """
+
+    def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int = 3, stride: int = 1,
+                 init_scale: float = 1.0):
+        super().__init__()
+        if ndim == 0:
+            kernel, stride = 1, 1
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel sizes must be odd, got {kernel}")
+        self.ndim, self.kernel, self.stride = ndim, kernel, stride
+        shape = (c_out, c_in) + (kernel,) * ndim
+        v = torch.empty(shape)
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
+        self.v = nn.Parameter(v)
+        # g = init_scale * ||v|| reproduces the default init's scale at the start.
+        self.g = nn.Parameter(init_scale * v.flatten(1).norm(dim=1))
+        bound = 1.0 / math.sqrt(c_in * kernel**ndim)
+        self.b = nn.Parameter(torch.empty(c_out).uniform_(-bound, bound) * init_scale)
+
+    def weight(self) -> torch.Tensor:
+        norm = self.v.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = (self.g / norm).view(-1, *([1] * (self.v.dim() - 1)))
+        return self.v * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        if self.ndim == 0:
+            return F.linear(x, w, self.b)
+        conv = F.conv1d if self.ndim == 1 else F.conv2d
+        return conv(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
+
+
+def concat_elu(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+class GatedResLayer(nn.Module):
+    """PixelCNN++ gated residual layer: x + a * sigmoid(b), [a, b] = conv(drop(celu(conv(celu(x)))))."""
+
+    def __init__(self, ndim: int, channels: int, kernel: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = WNConv(ndim, 2 * channels, channels, kernel)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = WNConv(ndim, 2 * channels, 2 * channels, kernel, init_scale=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(concat_elu(x))
+        a, b = self.conv2(self.dropout(concat_elu(h))).chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+
+def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    if factor == 1 or x.dim() == 2:
+        return x
+    return F.interpolate(x, scale_factor=factor, mode="nearest")
+
+
+class Block(nn.Module):
+    """A stage of the ladder: project ``c_in`` → ``c_out`` (optionally strided, or upsampling first),
+    then ``depth`` gated residual layers."""
+
+    def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int, depth: int,
+                 stride: int = 1, upsample: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.up = upsample
+        self.proj = WNConv(ndim, c_in, c_out, kernel, stride=stride)
+        self.layers = nn.Sequential(*[GatedResLayer(ndim, c_out, kernel, dropout) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.proj(upsample(x, self.up)))

@@ -1,0 +1,137 @@
+"""The run directory (CONTRACTS.md): config, checkpoints, exported EMA weights, metrics.
+
+Everything a run needs to be rebuilt, evaluated, sampled or resumed lives here, and nothing in it
+needs pickle to rebuild the model: ``config.json`` + ``model.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig, TrainConfig, read_json, write_json_atomic  # noqa: F401  (re-exported)
+from .errors import UserError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def check_output_dir(path: str | Path, resume: bool) -> Path:
+    """Refuse a run directory that cannot be used, before anything is written."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--output-dir {path} lies below {parent}, which is a file, not a directory; choose another --output-dir")
+    has_run = (path / CONFIG).exists() or (path / CHECKPOINTS).exists()
+    if resume:
+        if not path.is_dir():
+            raise UserError(f"cannot resume: {path} does not exist; drop --resume to start a new run there")
+        if not has_run:
+            raise UserError(f"cannot resume: {path} holds no run (no {CONFIG}); drop --resume to start a new run")
+    elif has_run:
+        raise UserError(f"{path} already holds a run; pass --resume to continue it or choose a new --output-dir")
+    return path
+
+
+def read_run_config(run_dir: str | Path, modality: str | None = None) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the --output-dir of a training run")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG}); pass the --output-dir of a training run")
+    data = read_json(run_dir / CONFIG, "run config")
+    run = RunConfig.from_json(data, str(run_dir / CONFIG))
+    if modality is not None and run.modality != modality:
+        article = "an" if modality[0] in "aeiou" else "a"
+        raise UserError(f"{run_dir} is a {run.modality} run, not {article} {modality} run; "
+                        f"use the {run.modality} scripts (e.g. scripts/report_{run.modality}.py)")
+    return run
+
+
+def write_run_config(run_dir: Path, run: RunConfig) -> None:
+    write_json_atomic(run_dir / CONFIG, run.to_json())
+
+
+def export_weights(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    tmp = run_dir / (WEIGHTS + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, run_dir / WEIGHTS)
+
+
+def load_weights(run_dir: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    path = Path(run_dir) / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no exported weights ({WEIGHTS}); train until the first checkpoint is saved")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path} does not match the model of {Path(run_dir) / CONFIG} "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return model
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Completed checkpoints, oldest first (a half-written one still has its temporary name)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    found = checkpoints(run_dir)
+    for _, path in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINTS
+    for p in root.glob(".tmp_*"):  # leftovers of a write that was killed
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop the lines written after the resumed checkpoint."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+

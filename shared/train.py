@@ -1,0 +1,35 @@
+"""What every training script does once its flags are parsed: pick or reopen the run directory,
+rebuild the saved config on --resume, and hand data and model to the engine."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from .cli import default_output_dir, training_overrides
+from .config import RunConfig, replace
+from .errors import UserError
+from .run_dir import check_output_dir, read_run_config
+
+
+def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunConfig],
+             model_flags: dict | None = None) -> tuple[RunConfig, Path]:
+    """The run config and directory for a training script.
+
+    A new run gets ``fresh()``; ``--resume`` reloads ``config.json`` and applies only the training
+    flags given on the command line (e.g. a larger --max-steps). ``model_flags`` are the model and
+    data flags the user set explicitly: on resume they must agree with the saved run.
+    """
+    preset = getattr(args, "preset", None) or "default"
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(preset)
+    check_output_dir(out, args.resume)
+    if not args.resume:
+        return fresh(), out
+    run = read_run_config(out, modality)
+    for flag, value in (model_flags or {}).items():
+        saved = run.extra.get("flags", {}).get(flag)
+        if value is not None and saved is not None and value != saved:
+            raise UserError(f"--{flag.replace('_', '-')} {value} differs from the resumed run's {saved}; "
+                            f"drop the flag or choose a new --output-dir")
+    run.train = replace(run.train, "training flags", **training_overrides(args))
+    return run, out
