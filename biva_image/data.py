@@ -1,34 +1,43 @@
 """Image data: every source becomes uint8 arrays (N, C, H, W), converted once and cached.
 
-Sources (``ImageDataConfig.dataset``):
+Sources (``ImageDataConfig.dataset``); hub data goes through ``datasets.load_dataset``:
 
-| name | hub source (``datasets.load_dataset``) | what is done to it |
-|---|---|---|
-| ``cifar10`` | ``uoft-cs/cifar10`` (columns ``img``, ``label``; train 50k / test 10k) | kept, 32×32×3 |
-| ``svhn`` | ``ufldl-stanford/svhn`` config ``cropped_digits`` (``image``, ``label``; train 73,257 / test 26,032; ``extra`` unused) | kept, 32×32×3 |
-| ``mnist`` | ``ylecun/mnist`` (``image``, ``label``; train 60k / test 10k) | 28×28×1 grey, ``binarize="dynamic"`` |
-| ``omniglot`` | ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single split ``full`` of 32,460 = 1,623 × 20 drawings) | grey, ink made white on black as in MNIST, box-filtered to 28×28, ``binarize="dynamic"``; per character 5 of the 20 drawings go to test, 15 to train (8,115 / 24,345, the sizes of Burda et al.'s 28×28 OMNIGLOT), carved with ``split_seed`` |
-| ``celeba64`` | ``flwrlabs/celeba`` config ``img_align+identity+attr`` (``image`` 178×218 aligned faces, ``celeb_id``, 40 attribute columns; train 162,770 / valid 19,867 / test 19,962, the official partition) | centre crop 148×148, bilinear resize to 64×64 (the usual CelebA-64 recipe) |
-| ``binarized-mnist`` | none: a local folder with Larochelle's ``binarized_mnist_{train,valid,test}.amat`` (50k / 10k / 10k), from ``BINARIZED_MNIST_URL`` | ``binarize="static"`` (values 0/255), its own validation split |
-| ``folder`` | none: ``data_dir`` is any local image folder or parquet/arrow files | kept as they are (size and channels of the files) |
+* ``cifar10``: ``uoft-cs/cifar10`` (columns ``img``, ``label``; train 50k / test 10k), 32x32x3 as is.
+* ``svhn``: ``ufldl-stanford/svhn`` config ``cropped_digits`` (``image``, ``label``; train 73,257 /
+  test 26,032; ``extra`` unused), 32x32x3 as is.
+* ``mnist``: ``ylecun/mnist`` (``image``, ``label``; 60k / 10k), 28x28x1 grey, ``binarize="dynamic"``.
+* ``omniglot``: ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single
+  split ``full`` of 32,460 = 1,623 x 20 drawings). Grey, ink made white on black as in MNIST,
+  box-filtered to 28x28, ``binarize="dynamic"``. Per character 5 of the 20 drawings go to test and
+  15 to train (8,115 / 24,345: the sizes of Burda et al.'s 28x28 OMNIGLOT), carved with ``split_seed``.
+* ``celeba64``: ``flwrlabs/celeba`` config ``img_align+identity+attr`` (``image``: 178x218 aligned
+  faces, ``celeb_id``, 40 boolean attribute columns; train 162,770 / valid 19,867 / test 19,962, the
+  official partition). Centre crop 148x148, bilinear resize to 64x64 (the usual CelebA-64 recipe).
+* ``binarized-mnist``: no hub source; ``data_dir`` holds Larochelle's statically binarised
+  ``binarized_mnist_{train,valid,test}.amat`` (50k / 10k / 10k) from ``BINARIZED_MNIST_URL``.
+  ``binarize="static"`` (values 0/255) and its own validation split.
+* ``folder``: ``data_dir`` is any local image folder (or parquet/arrow files), kept as it is.
 
 ``data_dir`` can also hold a local copy of a hub dataset, for machines without network: parquet files as
 on the hub (``train-00000-of-00001.parquet`` ...), arrow files (``save_to_disk`` or the ``datasets``
 cache), or an image folder; the same conversion applies. Parquet/arrow files go through
-``datasets.load_dataset("parquet"|"arrow", data_files=...)``; the split of a file comes from its name
+``datasets.load_dataset("parquet"|"arrow", data_files=..., streaming=True)`` (read in place, no
+arrow copy of the whole set); the split of a file comes from its name
 or folder (``train``/``valid(ation)``/``test``; anything else, e.g. OMNIGLOT's ``full``, is train;
 SVHN's ``extra`` is skipped).
 
 Image folders follow the layout of ``datasets``' ``imagefolder``: optional ``train/``, ``validation/``
 (or ``valid/``, ``val/``) and ``test/`` subfolders give the splits (otherwise everything is train),
 class subfolders give labels (sorted names -> 0..K-1). Mode ``L`` stays one channel, ``RGB`` three,
-``RGBA`` four, palette images become RGB. All images must share one size and channel count.
+``RGBA`` four, palette images become RGB. All images must share one size and channel count. A folder
+without ``test/`` has no test split (``ImageSplits.test`` is None).
 
 Splits without their own validation part get one carved from train with ``split_seed`` (a numpy
 Generator permutation): ``valid_size`` examples, at most 10% of train. The cache (``cache_dir``,
 default ``~/.cache/biva/images``) holds one folder per dataset name (+ a hash of ``data_dir``) with
 ``train.npy``, ``test.npy`` ... written atomically and a ``meta.json`` written last; a second load
-reads it without touching ``datasets``. The carving is redone on every load (cheap, seed-dependent).
+reads it without touching ``datasets``; a cache built from ``data_dir`` is rebuilt when the files there
+change (names, sizes, modification times). The carving is redone on every load (cheap, seed-dependent).
 Under several processes, let the main process load first so that only it converts.
 """
 from __future__ import annotations
@@ -223,8 +232,8 @@ def image_shape(cfg: ImageDataConfig) -> tuple[int, int, int]:
 def load_image_splits(cfg: ImageDataConfig) -> ImageSplits:
     """Train/validation/test uint8 arrays of ``cfg.dataset``, converted once and then read from the cache."""
     recipe = _recipe(cfg.dataset)
-    if cfg.valid_size < 0:
-        raise UserError(f"valid_size must be >= 0, got {cfg.valid_size}")
+    if cfg.valid_size < 0 or cfg.split_seed < 0:
+        raise UserError(f"valid_size and split_seed must be >= 0, got {cfg.valid_size} and {cfg.split_seed}")
     data_dir = None
     if cfg.data_dir is not None or recipe.hub_id is None:
         data_dir = _require_data_dir(cfg, recipe)
@@ -495,7 +504,8 @@ def _count_rows(path: Path) -> int:
 def _image_column(features, preferred: str | None) -> str:
     import datasets
 
-    columns = list(features or {})
+    features = features or {}
+    columns = list(features)
     if preferred in columns:
         return preferred
     for name, feature in features.items():
@@ -697,8 +707,7 @@ def _first_local_image(data_dir: Path) -> Image.Image:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
                 with Image.open(path) as image:
-                    image.load()
-                    return image
+                    return image.copy()  # loaded, and usable once the file is closed
             except (OSError, ValueError, SyntaxError) as err:
                 raise UserError(f"could not read the image {path} ({err}); remove or replace that file") from None
     raise UserError(f"no images or parquet/arrow files found in {data_dir}; "
@@ -723,7 +732,6 @@ def _first_table_image(path: Path) -> Image.Image:
     row = batch.to_pylist()[0]
     for value in row.values():
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            image = _open_image(value)
-            image.load()
-            return image
+            with _open_image(value) as image:
+                return image.copy()
     raise UserError(f"found no image column in {path}; expected a column of images such as 'image' or 'img'")
