@@ -269,8 +269,8 @@ class Trainer:
                     loss = -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0)
                 finite &= bool(torch.isfinite(loss))
                 acc.backward(loss / A)
-            totals["loss"] += float(loss) / A
-            totals["elbo"] += float(out.bound().mean()) / A
+            totals["loss"] += float(loss.detach()) / A
+            totals["elbo"] += float(out.bound().detach().mean()) / A
             kl = out.kl.detach().mean(0) / A
             kl_sum = kl if kl_sum is None else kl_sum + kl
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
