@@ -50,7 +50,7 @@ def train_tokenizer(
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # The trainer consumes its whole iterator, so the bound must be on the iterator itself.
-    sample = itertools.islice(iter(sentences), max_sentences)
+    sample = (_words(s) for s in itertools.islice(iter(sentences), max_sentences))
     options = dict(
         model_prefix=str(prefix),
         model_type=model_type,
@@ -152,7 +152,7 @@ class Tokenizer:
     def encode(self, sentences: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         if isinstance(sentences, str):
             raise TypeError("Tokenizer.encode takes a list of sentences, not one string")
-        return self.processor.encode(list(sentences), out_type=int, num_threads=num_threads or -1)
+        return self.processor.encode([_words(s) for s in sentences], out_type=int, num_threads=num_threads or -1)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return [self._decode_one(list(map(int, row))) for row in ids]
@@ -175,6 +175,15 @@ class Tokenizer:
         for part in runs:
             words.append(UNK_TEXT if part is None else self.processor.decode(part))
         return " ".join(" ".join(words).split())
+
+
+_OTHER_WHITESPACE = re.compile(r"[^\S ]")
+
+
+def _words(sentence: str) -> str:
+    """SentencePiece splits on spaces only (and itself collapses runs of them): turn tabs and other
+    whitespace into spaces so a "word" means the same as ``str.split``."""
+    return " ".join(sentence.split()) if _OTHER_WHITESPACE.search(sentence) else sentence
 
 
 def _model_type_from_proto(data: bytes) -> str:
