@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from shared.errors import UserError
 
-IMAGE_DATASETS = ("cifar10", "svhn", "mnist", "binarized-mnist", "omniglot", "celeba64", "folder")
+from .names import IMAGE_DATASETS  # noqa: E402,F401  (torch-free, for the CLIs)
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 BINARIZED_MNIST_FILES = {
     "train": "binarized_mnist_train.amat",

@@ -11,7 +11,8 @@ from shared.ladder import LadderConfig
 from shared.model import LadderModel
 from shared.nn import WNConv
 
-LIKELIHOODS = ("bernoulli", "logistic-mixture")
+from .names import LIKELIHOODS
+
 BINARIZE_KEY = 8191  # noise key of dynamic binarisation (fixed per example in evaluation)
 
 

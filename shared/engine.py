@@ -219,13 +219,17 @@ class Trainer:
         self._stop_signal = signal.Signals(signum).name
 
     # ------------------------------------------------------------------ evaluation
-    def validate(self) -> dict:
+    def validate(self, record_only: bool = False) -> dict:
+        """Validate the EMA model; ``record_only`` skips the log, the schedule and the hook (a resumed
+        run that has nothing left to do)."""
         res = evaluate(self.ema.model, self.valid_set, batch_size=self.eval_batch_size, seed=self.cfg.eval_seed,
                        accelerator=self.accelerator, max_examples=self.cfg.eval_examples, desc="valid")
         record = {"step": self.state.step, "split": "valid", "elbo": res.elbo, "kl": res.kl,
                   "kl_per_group": res.kl_per_group, "bits_per_dim": res.bits_per_dim_elbo,
                   "nats_per_dim": -res.elbo * res.num_examples / max(res.num_dims, 1.0),
                   "free_bits_budget": self.free_bits.budget, "num_examples": res.num_examples}
+        if record_only:
+            return record
         self.log(record)
         message = self.free_bits.step(res.elbo)
         if message:
@@ -356,5 +360,5 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         if last_record is None:
-            last_record = self.validate()
+            last_record = self.validate(record_only=True)
         return {"step": self.state.step, "valid": last_record, "skipped_total": self.state.skipped_total}

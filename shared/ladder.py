@@ -175,9 +175,9 @@ class Ladder(nn.Module):
         n_groups = 2 if bu else 1
         self.p_heads = nn.ModuleList(
             [LatentHead(cfg, ch[i - 1], zc[i - 1], sizes[i], groups=n_groups) for i in range(1, L)])
+        # merge(d_i, e_i): a 1x1 projection and one gated layer (inference side: its dropout).
         self.q_merge = nn.ModuleList(
-            [Block(nd, 2 * ch[i - 1], ch[i - 1], cfg.kernels[i - 1], 1, dropout=cfg.dropout_inference)
-             for i in range(1, L)])
+            [Block(nd, 2 * ch[i - 1], ch[i - 1], 1, 1, dropout=cfg.dropout_inference) for i in range(1, L)])
         self.q_td = nn.ModuleList([LatentHead(cfg, ch[i - 1], zc[i - 1], sizes[i]) for i in range(1, L)])
         self.group_info = self._group_info()
 

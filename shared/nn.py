@@ -49,22 +49,23 @@ class WNConv(nn.Module):
         return conv(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
 
 
-def concat_elu(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(torch.cat([x, -x], dim=1))
-
-
 class GatedResLayer(nn.Module):
-    """PixelCNN++ gated residual layer: x + a * sigmoid(b), [a, b] = conv(drop(celu(conv(celu(x)))))."""
+    """Gated residual layer (PixelCNN++ style): x + a * sigmoid(b), [a, b] = conv_1x1(drop(elu(conv_k(elu(x))))).
+
+    The gate's convolution is 1x1 and the nonlinearity a plain ELU (PixelCNN++ uses a k x k gate
+    and concat-ELU): with the paper's M = 3 layers per block this lands the CIFAR-10 BIVA near its
+    reported 18.5M parameters, where PixelCNN++'s layer would give about 45M.
+    """
 
     def __init__(self, ndim: int, channels: int, kernel: int, dropout: float = 0.0):
         super().__init__()
-        self.conv1 = WNConv(ndim, 2 * channels, channels, kernel)
+        self.conv1 = WNConv(ndim, channels, channels, kernel)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = WNConv(ndim, 2 * channels, 2 * channels, kernel, init_scale=0.1)
+        self.conv2 = WNConv(ndim, channels, 2 * channels, 1, init_scale=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(concat_elu(x))
-        a, b = self.conv2(self.dropout(concat_elu(h))).chunk(2, dim=1)
+        h = self.conv1(F.elu(x))
+        a, b = self.conv2(self.dropout(F.elu(h))).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 

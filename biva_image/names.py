@@ -1,0 +1,10 @@
+"""Torch-free names, so the image scripts validate their flags before importing anything heavy."""
+
+IMAGE_DATASETS = ("cifar10", "svhn", "mnist", "binarized-mnist", "omniglot", "celeba64", "folder")
+IMAGE_PRESETS = ("binary", "cifar10", "celeba64", "tiny")
+IMAGE_MODELS = ("biva", "lvae+", "lvae")
+LIKELIHOODS = ("bernoulli", "logistic-mixture")
+# The preset a dataset trains with by default (paper Appendix C).
+DATASET_PRESET = {"cifar10": "cifar10", "svhn": "cifar10", "mnist": "binary", "binarized-mnist": "binary",
+                  "omniglot": "binary", "celeba64": "celeba64"}
+PRESET_BY_SIZE = {28: "binary", 32: "cifar10", 64: "celeba64"}

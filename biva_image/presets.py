@@ -1,0 +1,95 @@
+"""The paper's image presets (Appendix C, DESIGN.md §6) and a tiny one for tests and CPU runs.
+
+A preset is a model config plus the training defaults that go with it; CLI flags override fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+from shared.ladder import VARIANTS, LadderConfig
+
+from .model import ImageModelConfig
+
+
+@dataclass
+class ImagePreset:
+    model: ImageModelConfig
+    train: TrainConfig
+    dataset: str
+    description: str
+
+
+def _per_level(levels: int, at: list[int], value: int, default: int = 1) -> list[int]:
+    return [value if i in at else default for i in range(1, levels + 1)]
+
+
+def binary(levels: int = 6) -> ImagePreset:
+    ladder = LadderConfig(
+        ndim=2, input_channels=1, input_size=[28, 28], output_channels=64, levels=levels,
+        channels=[64] * levels, latent_channels=[48, 40, 32, 24, 16, 8][:levels] + [8] * max(levels - 6, 0),
+        strides=_per_level(levels, [1, levels], 2), kernels=[5] + [3] * (levels - 1), depth=3,
+        latent_kind="dense", dropout_inference=0.5, dropout_generative=0.5)
+    model = ImageModelConfig(image_shape=[1, 28, 28], likelihood="bernoulli", binarize="dynamic", ladder=ladder)
+    # Free bits 2 nats per group, dropped to 0 (the paper's lambda = 0 fine-tuning) once validation stalls.
+    train = TrainConfig(epochs=500, batch_size=48, lr=2e-3, eval_every=2000, save_every=2000, free_bits=2.0,
+                        free_bits_factor=0.0, free_bits_patience=10, ema_decay=0.9995)
+    return ImagePreset(model, train, "mnist", "binarised 28x28 images (MNIST, OMNIGLOT): L=6, dense latents")
+
+
+def cifar10(levels: int = 15) -> ImagePreset:
+    # Strides at levels 1, 11 and 15 for L = 15: 32 -> 16 -> 8 -> 4. A deeper ladder (the LVAE+ L = 29
+    # ablation) keeps the rule: the second stride at 11/15 of the depth, the third at the top.
+    second = round(levels * 11 / 15)
+    ladder = LadderConfig(
+        ndim=2, input_channels=3, input_size=[32, 32], output_channels=96, levels=levels,
+        channels=[96] * levels, latent_channels=[max(38 - 2 * i, 2) for i in range(levels)],
+        strides=_per_level(levels, [1, second, levels], 2), kernels=[5] + [3] * (levels - 1), depth=3,
+        latent_kind="conv", dropout_inference=0.2, dropout_generative=0.0)
+    model = ImageModelConfig(image_shape=[3, 32, 32], likelihood="logistic-mixture", ladder=ladder)
+    train = TrainConfig(epochs=1000, batch_size=48, lr=2e-3, eval_every=5000, save_every=5000, free_bits=2.0,
+                        eval_examples=2000, ema_decay=0.9995)
+    return ImagePreset(model, train, "cifar10", "32x32 natural images (CIFAR-10, SVHN): L=15, BIVA 18.5M in the paper")
+
+
+def celeba64(levels: int = 20) -> ImagePreset:
+    channels = [64 if i < 12 else 128 for i in range(1, levels + 1)]
+    kernels = [7, 5] + [3] * (levels - 2)
+    ladder = LadderConfig(
+        ndim=2, input_channels=3, input_size=[64, 64], output_channels=64, levels=levels,
+        channels=channels, latent_channels=[max(20 - i, 1) for i in range(levels)],
+        strides=_per_level(levels, [1, 2, 11, levels], 2), kernels=kernels, depth=3,
+        latent_kind="conv", dropout_inference=0.2, dropout_generative=0.0)
+    model = ImageModelConfig(image_shape=[3, 64, 64], likelihood="logistic-mixture", ladder=ladder)
+    train = TrainConfig(epochs=200, batch_size=48, lr=2e-3, eval_every=5000, save_every=5000, free_bits=2.0,
+                        eval_examples=2000, ema_decay=0.9995)
+    return ImagePreset(model, train, "celeba64", "64x64 faces (CelebA): L=20")
+
+
+def tiny(shape: tuple[int, int, int] = (1, 8, 8), likelihood: str | None = None) -> ImagePreset:
+    C, H, W = shape
+    likelihood = likelihood or ("bernoulli" if C == 1 and H == 28 else "logistic-mixture")
+    stride = 2 if H % 2 == 0 and W % 2 == 0 else 1
+    ladder = LadderConfig(
+        ndim=2, input_channels=C, input_size=[H, W], output_channels=16, levels=3, channels=[16, 16, 16],
+        latent_channels=[4, 4, 4], strides=[stride, 1, 1], kernels=[3, 3, 3], depth=1, latent_kind="conv")
+    model = ImageModelConfig(image_shape=[C, H, W], likelihood=likelihood,
+                             binarize="dynamic" if likelihood == "bernoulli" else "none",
+                             mixture_components=3, ladder=ladder)
+    train = TrainConfig(max_steps=200, batch_size=16, lr=2e-3, eval_every=100, save_every=100, log_every=10,
+                        free_bits=0.5, ema_decay=0.99, eval_examples=256)
+    return ImagePreset(model, train, "folder", "a few-second CPU model for tests and smoke runs")
+
+
+PRESETS = {"binary": binary, "cifar10": cifar10, "celeba64": celeba64, "tiny": tiny}
+
+
+def get_preset(name: str, variant: str = "biva", **kw) -> ImagePreset:
+    if name not in PRESETS:
+        raise UserError(f"unknown image preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if variant not in VARIANTS:
+        raise UserError(f"unknown model {variant!r}; choose one of {', '.join(VARIANTS)}")
+    preset = PRESETS[name](**kw)
+    preset.model.ladder.bu_latents, preset.model.ladder.td_skip = VARIANTS[variant]
+    return preset

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Train BIVA (or LVAE / LVAE+) on images.
+
+    python scripts/train_image.py --dataset cifar10
+    accelerate launch scripts/train_image.py --dataset cifar10 --model lvae+
+    python scripts/train_image.py --data-dir my_images/ --preset tiny --max-steps 500
+
+The defaults reproduce the paper's setup for the chosen dataset (Appendix C).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biva_image.names import (DATASET_PRESET, IMAGE_DATASETS, IMAGE_MODELS, IMAGE_PRESETS,  # noqa: E402
+                              LIKELIHOODS, PRESET_BY_SIZE)
+from shared.cli import ArgumentParser, add_training_flags, nonneg_int  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data and model")
+    d.add_argument("--dataset", choices=IMAGE_DATASETS,
+                   help="hub dataset, or 'folder' for --data-dir (default: cifar10, or folder with --data-dir)")
+    d.add_argument("--data-dir", type=Path, help="local image folder or local copy of a hub dataset")
+    d.add_argument("--cache-dir", type=Path, help="where converted uint8 arrays are cached (default ~/.cache/biva/images)")
+    d.add_argument("--valid-size", type=nonneg_int, help="validation images carved from train (default 5000, at most 10%%)")
+    d.add_argument("--model", choices=IMAGE_MODELS, help="biva, or the ablations lvae+ / lvae (default biva)")
+    d.add_argument("--likelihood", choices=LIKELIHOODS, help="default: the preset's (bernoulli for binary images)")
+    d.add_argument("--levels", type=nonneg_int, help="ladder depth L (default: the preset's; e.g. 29 for LVAE+ L=29)")
+    add_training_flags(p, list(IMAGE_PRESETS))
+    args = p.parse_args(argv)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        p.error(f"--data-dir {args.data_dir} is not a directory")
+    if args.dataset is None:
+        args.dataset = "folder" if args.data_dir is not None else "cifar10"
+    if args.dataset == "folder" and args.data_dir is None:
+        p.error("--dataset folder needs --data-dir")
+    if args.levels is not None and args.levels < 1:
+        p.error("--levels must be at least 1")
+    return args
+
+
+def choose_preset(args, shape) -> str:
+    if args.preset:
+        return args.preset
+    if args.dataset != "folder":
+        return DATASET_PRESET[args.dataset]
+    size = shape[1]
+    if shape[1] == shape[2] and size in PRESET_BY_SIZE:
+        return PRESET_BY_SIZE[size]
+    raise UserError(f"no preset fits {shape[2]}x{shape[1]} images (28 -> binary, 32 -> cifar10, 64 -> celeba64); "
+                    f"pass --preset tiny or another --preset")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # Heavy imports only after the flags are known to be good.
+    from accelerate import PartialState
+
+    from biva_image.data import ImageDataConfig, ImageDataset, load_image_splits
+    from biva_image.model import ImageVAE
+    from biva_image.presets import get_preset
+    from biva_image.viz import save_grid
+    from shared.config import RunConfig, from_dict, replace, to_dict
+    from shared.engine import Trainer
+    from shared.run_dir import write_run_config
+    from shared.train import open_run
+    from biva_image.model import ImageModelConfig
+
+    data_cfg = ImageDataConfig(dataset=args.dataset, data_dir=str(args.data_dir) if args.data_dir else None,
+                               split_seed=args.split_seed or 0,
+                               cache_dir=str(args.cache_dir) if args.cache_dir else None)
+    if args.valid_size is not None:
+        data_cfg.valid_size = args.valid_size
+    flags = {"dataset": args.dataset, "model": args.model, "likelihood": args.likelihood, "levels": args.levels}
+
+    def fresh_run(shape) -> RunConfig:
+        preset_name = choose_preset(args, shape)
+        kw = {"levels": args.levels} if args.levels and preset_name != "tiny" else {}
+        if preset_name == "tiny":
+            kw = {"shape": tuple(shape), "likelihood": args.likelihood}
+        preset = get_preset(preset_name, args.model or "biva", **kw)
+        model = preset.model
+        if args.likelihood and args.likelihood != model.likelihood:
+            model.likelihood = args.likelihood
+            model.binarize = "dynamic" if args.likelihood == "bernoulli" else "none"
+        if splits.binarize != "none" and model.likelihood == "bernoulli":
+            model.binarize = splits.binarize
+        if list(model.image_shape) != list(shape):
+            raise UserError(f"the {preset_name} preset expects {model.image_shape[1]}x{model.image_shape[2]}x"
+                            f"{model.image_shape[0]} images but the data are {shape[1]}x{shape[2]}x{shape[0]}; "
+                            f"pick a matching --preset (tiny fits any size)")
+        model.validate()
+        from shared.cli import training_overrides
+
+        train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
+        effective = {"dataset": args.dataset, "model": model.ladder.variant, "likelihood": model.likelihood,
+                     "levels": model.ladder.levels}
+        return RunConfig(modality="image", preset=preset_name, model=to_dict(model), data=to_dict(data_cfg),
+                         train=train, extra={"flags": effective})
+
+    state = PartialState()
+    with state.main_process_first():  # only the main process converts and caches the data
+        splits = load_image_splits(data_cfg)
+    run, out = open_run(args, "image", lambda: fresh_run(splits.shape), flags)
+    if args.resume:
+        saved_data = run.data
+        data_cfg = from_dict(ImageDataConfig, saved_data, "config.json data")
+    model_cfg = from_dict(ImageModelConfig, run.model, "config.json model")
+    if list(model_cfg.image_shape) != list(splits.shape):
+        raise UserError(f"the run's model expects images of shape {model_cfg.image_shape} but the data are "
+                        f"{list(splits.shape)}; use the data the run was trained on")
+    if state.is_main_process and not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, run)
+    state.wait_for_everyone()
+
+    def on_evaluate(ema_model, step, run_dir):
+        images = ema_model.sample(64, mode="sample").cpu().numpy()
+        save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png")
+
+    trainer = Trainer(run, lambda: ImageVAE(model_cfg), ImageDataset(splits.train), ImageDataset(splits.valid),
+                      out, resume=args.resume, on_evaluate=on_evaluate,
+                      resume_command=f"{sys.argv[0]} --output-dir {out}")
+    if state.is_main_process:
+        n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+        print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "
+              f"{len(splits.train)} train / {len(splits.valid)} valid images -> {out}", file=sys.stderr)
+    summary = trainer.fit()
+    if state.is_main_process:
+        v = summary["valid"]
+        print(f"step {summary['step']}: valid ELBO {v['elbo']:.3f} nats, {v['bits_per_dim']:.4f} bits/dim, "
+              f"KL {v['kl']:.3f} nats; run directory {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
