@@ -101,6 +101,7 @@ class LadderOutput:
     scored: list[bool]  # per group: part of the bound (levels > k)
     kl_analytic: torch.Tensor | None = None  # (B, G): closed form for TD/top groups, sampled for BU
     means: list[torch.Tensor] | None = None  # posterior means per group (mode "posterior_mean")
+    samples: list[torch.Tensor | None] | None = None  # the value of every group (None where not drawn)
 
 
 class LatentHead(nn.Module):
@@ -201,13 +202,17 @@ class Ladder(nn.Module):
 
     def forward(self, e0: torch.Tensor | None, noise, *, mode: str = "posterior", k: int = 0,
                 temperature: float = 1.0, batch_size: int | None = None, analytic_kl: bool = False,
-                device=None) -> LadderOutput:
+                device=None, latents: list[torch.Tensor] | None = None) -> LadderOutput:
         """Run the ladder.
 
         mode "posterior": the inference pass; levels <= k are drawn from the conditional prior
             (both groups) and left out of the bound, which gives L^{>k} (k = 0: the ELBO).
         mode "prior": generation from p(z) with the prior scales multiplied by ``temperature``.
         mode "posterior_mean": no sampling, every group at its posterior mean (active units).
+        ``latents`` (one (B, ...) tensor per group, in group order) replaces every draw: in mode
+            "posterior" it scores given latents under q(. | x) and p (e.g. the aggregate posterior
+            of a mutual-information estimate); in mode "prior" it decodes given latents to d_0
+            (e.g. interpolation). Only with k = 0.
         """
         cfg = self.cfg
         L, bu = cfg.levels, cfg.bu_latents
@@ -215,6 +220,8 @@ class Ladder(nn.Module):
             raise ValueError(f"unknown ladder mode {mode!r}")
         if not 0 <= k < L:
             raise UserError(f"k must be in 0..{L - 1} for a ladder of {L} levels, got {k}")
+        if latents is not None and (k != 0 or len(latents) != self.num_groups):
+            raise ValueError("latents needs one tensor per group and k = 0")
         use_mean = mode == "posterior_mean"
         infer = mode != "prior"
         gid = {info["kind"] + str(info["level"]): g for g, info in enumerate(self.group_info)}
@@ -227,10 +234,16 @@ class Ladder(nn.Module):
         log_p = [None] * G
         kl_an = [None] * G
         means = [None] * G
+        samples = [None] * G
         scored = [info["level"] > k for info in self.group_info]
 
         def draw(dist: Gaussian, key: int) -> torch.Tensor:
-            return dist.mu if use_mean else dist.sample(noise.normal(dist.mu.shape, key, dist.mu.device))
+            if latents is not None:  # keys of posterior and prior draws are the group ids when k = 0
+                z = latents[key].to(dist.mu.dtype)
+            else:
+                z = dist.mu if use_mean else dist.sample(noise.normal(dist.mu.shape, key, dist.mu.device))
+            samples[key % PRIOR_KEY_OFFSET] = z
+            return z
 
         # ---- bottom-up pass: e_1..e_L and z^BU samples ----
         e = [e0] + [None] * L
@@ -310,4 +323,5 @@ class Ladder(nn.Module):
             scored=scored,
             kl_analytic=stack(kl_an) if analytic_kl and infer else None,
             means=means if use_mean else None,
+            samples=samples,
         )
