@@ -1,0 +1,374 @@
+"""Text models (DESIGN.md §7): BIVA over sentences, with or without an LSTM decoder, and the baselines.
+
+    biva-lstm  the shared ladder with 1-D convolutions over the embedded sentence; its top-down
+               output d_0 (B, C, T) feeds an LSTM decoder that reads, at step t, the previous
+               token's embedding (BOS at t = 0) concatenated with d_0[:, :, t] and predicts token t
+    biva       the same ladder, tokens predicted from d_0 directly (no autoregression); it scores
+               every position up to max_tokens + 1, padding after EOS included: its distribution
+               is over fixed-length sequences
+    lstm-lm    an LSTM language model (no latent variables, G = 0)
+    rnn-vae    Bowman et al. (2015): an LSTM encoder, one Gaussian latent concatenated to the
+               decoder's input at every step, an LSTM decoder
+
+Shared choices:
+    * Sentences are padded with PAD (id 0) to a fixed length T: max_tokens + 1 (pieces + EOS)
+      rounded up to the product of the ladder's strides. The encoder sees PAD's embedding after EOS.
+    * The output layer projects the LSTM state (or d_0) to the embedding width and scores it
+      against the embedding matrix (tied weights, Press & Wolf 2017) plus a bias: a 20k x 512
+      softmax matrix is not paid twice.
+    * Embeddings start at std E^-1/2 and are multiplied by sqrt(E) where they are inputs (ladder,
+      LSTM), so inputs have unit scale while the tied logits start small.
+    * Loss: log p(x | z) sums over the predicted tokens t < length (EOS included); PAD positions
+      never count, except in ``biva``, whose likelihood covers the fixed-length sequence.
+    * KL warm-up (``kl_schedule="warmup"``): the gradients of log q and log p are multiplied by
+      ``kl_weight`` (0 -> 1 over ``kl_warmup_steps`` optimiser steps), their values are not, so
+      every reported number (loss, ELBO, KL) is the plain weight-1 figure.
+    * Every random draw in ``forward`` comes from the noise object (``HashedNoise`` in
+      evaluation), so a sentence's bound does not depend on what it is batched with.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.distributions import Gaussian, standard_normal_like
+from shared.errors import UserError
+from shared.ladder import LadderConfig
+from shared.model import LadderModel, LatentVariableModel, ModelOutput
+from shared.nn import WNConv
+
+from .names import KL_SCHEDULES, LADDER_MODELS, TEXT_MODELS
+from .tokenizer import BOS_ID, PAD_ID
+
+RNN_VAE_KEY = 0  # noise key of the RNN-VAE's latent (its only group)
+
+
+@dataclass
+class TextModelConfig:
+    model: str = "biva-lstm"  # biva-lstm | biva | lstm-lm | rnn-vae
+    vocab_size: int = 20000  # the tokenizer's actual size
+    max_tokens: int = 40  # pieces per sentence, without EOS
+    embedding_dim: int = 512  # E, also the width of the tied output projection
+    hidden_size: int = 1024  # LSTM units (decoder; and the RNN-VAE's encoder)
+    latent_dim: int = 32  # the RNN-VAE's latent
+    kl_schedule: str | None = "free-bits"  # free-bits | warmup | None (lstm-lm)
+    kl_warmup_steps: int = 0  # optimiser steps of the linear KL warm-up (kl_schedule "warmup")
+    ladder: LadderConfig | None = field(default_factory=LadderConfig)  # None for the baselines
+
+    @property
+    def is_ladder(self) -> bool:
+        return self.model in LADDER_MODELS
+
+    @property
+    def seq_len(self) -> int:
+        """T: the padded length every sentence is embedded at."""
+        return self.ladder.input_size[0] if self.is_ladder else self.max_tokens + 1
+
+    def validate(self) -> "TextModelConfig":
+        if self.model not in TEXT_MODELS:
+            raise UserError(f"unknown text model {self.model!r}; choose one of {', '.join(TEXT_MODELS)}")
+        if self.kl_schedule is not None and self.kl_schedule not in KL_SCHEDULES:
+            raise UserError(f"unknown KL schedule {self.kl_schedule!r}; choose one of {', '.join(KL_SCHEDULES)}")
+        if self.vocab_size < 5:
+            raise UserError(f"vocab_size must be at least 5 (4 specials and a word), got {self.vocab_size}")
+        if self.is_ladder:
+            if self.ladder is None:
+                raise UserError(f"model {self.model} needs a ladder config")
+            lad = self.ladder
+            if lad.ndim != 1 or lad.input_channels != self.embedding_dim:
+                raise UserError(f"the text ladder must be 1-D over {self.embedding_dim} embedding channels, got "
+                                f"ndim={lad.ndim}, input_channels={lad.input_channels}")
+            if lad.input_size[0] < self.max_tokens + 1:
+                raise UserError(f"the ladder's length {lad.input_size[0]} is shorter than max_tokens + 1 = "
+                                f"{self.max_tokens + 1}; rebuild the preset for --max-tokens {self.max_tokens}")
+            lad.validate()
+        return self
+
+
+def padded_length(max_tokens: int, strides: list[int]) -> int:
+    """max_tokens + 1 (pieces + EOS) rounded up to the product of the strides."""
+    total = math.prod(strides)
+    return -(-(max_tokens + 1) // total) * total
+
+
+def scale_grad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Same value as ``x``; gradient multiplied by ``weight`` (the KL warm-up)."""
+    return weight * x + (1.0 - weight) * x.detach()
+
+
+class TokenIO(nn.Module):
+    """Token embedding and the tied output layer: logits = proj(h) @ E^T + b."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.embedding = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embedding.weight, std=dim ** -0.5)
+        self.out_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, E) inputs at unit scale."""
+        return self.embedding(tokens) * math.sqrt(self.dim)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., E) projected states → (..., V)."""
+        return F.linear(h, self.embedding.weight, self.out_bias)
+
+
+def token_log_prob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sum of log softmax(logits)[target] per sentence, in fp32: logits (N, V) of N scored tokens
+    belonging to sentences ``rows`` (N,) → (B,)."""
+    lp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.zeros(batch_size, device=logits.device, dtype=torch.float32).index_add_(0, rows, lp)
+
+
+class LSTMDecoder(nn.Module):
+    """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t."""
+
+    def __init__(self, io: TokenIO, cond_dim: int, hidden_size: int):
+        super().__init__()
+        self.io = io
+        self.cond_dim = cond_dim
+        self.lstm = nn.LSTM(io.dim + cond_dim, hidden_size, batch_first=True)
+        self.proj = nn.Linear(hidden_size, io.dim)
+
+    def inputs(self, tokens: torch.Tensor, n: int, cond: torch.Tensor | None) -> torch.Tensor:
+        prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, : n - 1]], dim=1)
+        x = self.io.embed(prev)  # (B, n, E)
+        if cond is not None:
+            x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
+        return x
+
+    def log_likelihood(self, tokens: torch.Tensor, lengths: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
+        n = int(lengths.max())  # the LSTM is causal: positions past the longest sentence never count
+        h, _ = self.lstm(self.inputs(tokens, n, cond))  # (B, n, H)
+        mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
+        logits = self.io.logits(self.proj(h[mask]))  # only the scored positions: (N, V)
+        return token_log_prob(logits, tokens[:, :n][mask], rows, tokens.shape[0])
+
+    def step(self, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
+        """One decoding step: prev (B,) ids, cond_t (B, C) → logits (B, V) fp32, new state."""
+        x = self.io.embed(prev[:, None])
+        if cond_t is not None:
+            x = torch.cat([x, cond_t[:, None].to(x.dtype)], dim=2)
+        h, state = self.lstm(x, state)
+        return self.io.logits(self.proj(h[:, 0])).float(), state
+
+
+class TextModelMixin:
+    """What every text model shares: batch handling, data size, the KL warm-up weight."""
+
+    modality = "text"
+    cfg: TextModelConfig
+
+    def _init_text(self, cfg: TextModelConfig) -> None:
+        self.cfg = cfg
+        # Non-persistent: set by the trainer from its step count, never exported with the weights.
+        self.register_buffer("kl_weight", torch.ones(()), persistent=False)
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.cfg.model != "biva"
+
+    def data_size(self, batch: dict) -> torch.Tensor:
+        """Predicted tokens per sentence, EOS included (a sentence of n words counts n + 1)."""
+        return batch["length"].float()
+
+    def set_kl_weight(self, weight: float) -> None:
+        self.kl_weight.fill_(float(weight))
+
+    def padded_tokens(self, batch: dict) -> torch.Tensor:
+        """(B, T) ids: the batch's tokens padded with PAD (or cut, where only PAD is cut) to T."""
+        tokens = batch["tokens"].long()
+        T = self.cfg.seq_len
+        W = tokens.shape[1]
+        if W < T:
+            return F.pad(tokens, (0, T - W), value=PAD_ID)
+        if W > T:
+            if bool((tokens[:, T:] != PAD_ID).any()):
+                raise UserError(f"a sentence has more than {T} tokens but the model reads at most {T}; "
+                                f"use sentences of at most {self.cfg.max_tokens} pieces")
+            return tokens[:, :T]
+        return tokens
+
+    def _warm(self, out: ModelOutput) -> ModelOutput:
+        if out.log_q.shape[1] == 0 or not torch.is_grad_enabled() or float(self.kl_weight) >= 1.0:
+            return out
+        w = self.kl_weight
+        out.log_q, out.log_p = scale_grad(out.log_q, w), scale_grad(out.log_p, w)
+        if out.kl_analytic is not None:
+            out.kl_analytic = scale_grad(out.kl_analytic, w)
+        return out
+
+
+class TextLadderModel(TextModelMixin, LadderModel):
+    """``biva-lstm`` and ``biva``: the shared ladder over the embedded sentence (B, E, T)."""
+
+    def __init__(self, cfg: TextModelConfig):
+        cfg.validate()
+        super().__init__(cfg.ladder)
+        self._init_text(cfg)
+        self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
+        C = cfg.ladder.output_channels
+        if self.autoregressive:
+            self.decoder = LSTMDecoder(self.io, C, cfg.hidden_size)
+        else:
+            self.head = WNConv(1, C, cfg.embedding_dim, kernel=1)  # d_0 → tied output layer, per position
+
+    def embed(self, batch, noise):
+        tokens = self.padded_tokens(batch)  # (B, T)
+        e0 = self.io.embed(tokens).transpose(1, 2)  # (B, E, T)
+        return e0, tokens
+
+    def token_logits(self, d0: torch.Tensor) -> torch.Tensor:
+        """Non-autoregressive logits (B, T, V) from d_0 (B, C, T)."""
+        return self.io.logits(self.head(d0).transpose(1, 2))
+
+    def log_likelihood(self, d0, tokens, batch):
+        if self.autoregressive:
+            return self.decoder.log_likelihood(tokens, batch["length"].long(), d0.transpose(1, 2))
+        W = self.cfg.max_tokens + 1  # the fixed-length sequence: pieces, EOS, then PAD
+        logits = self.token_logits(d0)[:, :W]
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device).repeat_interleave(W)
+        return token_log_prob(logits.reshape(B * W, -1), tokens[:, :W].reshape(-1), rows, B)
+
+    def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
+        return self._warm(super().forward(batch, noise, mode=mode, k=k, analytic_kl=analytic_kl))
+
+    # ---- decoding: the conditioning a decoder reads, as (B, T, C) features ----
+    def condition_prior(self, n: int, noise, latent_temperature: float = 1.0) -> torch.Tensor:
+        return self.decode_prior(n, noise, latent_temperature).transpose(1, 2)
+
+    def condition_posterior(self, batch: dict, noise, from_level: int = 0) -> torch.Tensor:
+        e0, _ = self.embed(batch, noise)
+        return self.ladder(e0, noise, mode="posterior", k=from_level).d0.transpose(1, 2)
+
+    def condition_latents(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        d0 = self.ladder(None, None, mode="prior", batch_size=latents[0].shape[0], latents=latents,
+                         device=latents[0].device).d0
+        return d0.transpose(1, 2)
+
+    def posterior_log_density(self, batch: dict, latents: list[torch.Tensor]) -> torch.Tensor:
+        """log q(z | x) summed over the groups, for given latents (B,)."""
+        e0, _ = self.embed(batch, None)
+        return self.ladder(e0, None, mode="posterior", latents=latents).log_q.sum(1)
+
+    def posterior_sample(self, batch: dict, noise) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Latents z ~ q(z | x) of every group, and log q(z | x) (B,)."""
+        e0, _ = self.embed(batch, noise)
+        out = self.ladder(e0, noise, mode="posterior")
+        return out.samples, out.log_q.sum(1)
+
+
+class LSTMLanguageModel(TextModelMixin, LatentVariableModel):
+    """The LSTM LM baseline: no latent variables, log p(x) exact."""
+
+    group_info: list[dict] = []
+
+    def __init__(self, cfg: TextModelConfig):
+        cfg.validate()
+        super().__init__()
+        self._init_text(cfg)
+        self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
+        self.decoder = LSTMDecoder(self.io, 0, cfg.hidden_size)
+
+    def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
+        tokens = self.padded_tokens(batch)
+        log_px = self.decoder.log_likelihood(tokens, batch["length"].long(), None)
+        empty = log_px.new_zeros(log_px.shape[0], 0)
+        return ModelOutput(log_px=log_px, log_q=empty, log_p=empty, scored=[])
+
+    def posterior_means(self, batch, noise):
+        return []
+
+    def condition_prior(self, n: int, noise, latent_temperature: float = 1.0):
+        return None
+
+    def condition_posterior(self, batch, noise, from_level: int = 0):
+        return None
+
+
+class RNNVAE(TextModelMixin, LatentVariableModel):
+    """Bowman et al. (2015): LSTM encoder → q(z | x) diagonal Gaussian → z fed at every decoder step."""
+
+    group_info = [{"level": 1, "kind": "top"}]
+
+    def __init__(self, cfg: TextModelConfig):
+        cfg.validate()
+        super().__init__()
+        self._init_text(cfg)
+        self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
+        self.encoder = nn.LSTM(cfg.embedding_dim, cfg.hidden_size, batch_first=True)
+        self.q_head = nn.Linear(cfg.hidden_size, 2 * cfg.latent_dim)
+        nn.init.zeros_(self.q_head.bias)
+        self.q_head.weight.data.mul_(0.1)  # start near the prior, as the ladder's heads do
+        self.decoder = LSTMDecoder(self.io, cfg.latent_dim, cfg.hidden_size)
+
+    def posterior(self, batch: dict) -> Gaussian:
+        tokens = self.padded_tokens(batch)
+        lengths = batch["length"].long()
+        n = int(lengths.max())
+        h, _ = self.encoder(self.io.embed(tokens[:, :n]))  # causal: the state after EOS ignores padding
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, H)
+        return Gaussian.from_params(self.q_head(last))
+
+    def _expand(self, z: torch.Tensor, n: int) -> torch.Tensor:
+        return z[:, None, :].expand(z.shape[0], n, z.shape[1])
+
+    def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
+        if k != 0:
+            raise UserError(f"the RNN-VAE has one latent level; k must be 0, got {k}")
+        q = self.posterior(batch)
+        prior = standard_normal_like(q.mu.shape, q.mu.device)
+        z = q.sample(noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device))
+        lengths = batch["length"].long()
+        log_px = self.decoder.log_likelihood(self.padded_tokens(batch), lengths, self._expand(z, int(lengths.max())))
+        out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
+                          scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)
+        return self._warm(out)
+
+    def posterior_means(self, batch, noise):
+        return [self.posterior(batch).mu]
+
+    def condition_prior(self, n: int, noise, latent_temperature: float = 1.0) -> torch.Tensor:
+        device = self.q_head.weight.device
+        z = latent_temperature * noise.normal((n, self.cfg.latent_dim), RNN_VAE_KEY, device)
+        return self._expand(z, self.cfg.seq_len)
+
+    def condition_posterior(self, batch, noise, from_level: int = 0) -> torch.Tensor:
+        if from_level != 0:
+            raise UserError(f"the RNN-VAE has one latent level; --from-level must be 0, got {from_level}")
+        q = self.posterior(batch)
+        return self._expand(q.sample(noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device)), self.cfg.seq_len)
+
+    def condition_latents(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        return self._expand(latents[0], self.cfg.seq_len)
+
+    def posterior_log_density(self, batch: dict, latents: list[torch.Tensor]) -> torch.Tensor:
+        return self.posterior(batch).log_prob(latents[0])
+
+    def posterior_sample(self, batch: dict, noise) -> tuple[list[torch.Tensor], torch.Tensor]:
+        q = self.posterior(batch)
+        z = q.sample(noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device))
+        return [z], q.log_prob(z)
+
+
+def build_text_model(cfg: TextModelConfig) -> LatentVariableModel:
+    cfg.validate()
+    if cfg.is_ladder:
+        return TextLadderModel(cfg)
+    if cfg.model == "lstm-lm":
+        return LSTMLanguageModel(cfg)
+    return RNNVAE(cfg)
+
+
+def num_params(model: nn.Module) -> int:
+    """Trainable parameters; the tied output matrix counts once."""
+    return sum(p.numel() for p in model.parameters())
