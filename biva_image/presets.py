@@ -38,13 +38,23 @@ def binary(levels: int = 6) -> ImagePreset:
     return ImagePreset(model, train, "mnist", "binarised 28x28 images (MNIST, OMNIGLOT): L=6, dense latents")
 
 
+def _spread(first: int, last: int, levels: int) -> list[int]:
+    """``levels`` integers falling linearly from ``first`` (level 1) to ``last`` (level L)."""
+    if levels == 1:
+        return [first]
+    return [round(first - (first - last) * i / (levels - 1)) for i in range(levels)]
+
+
 def cifar10(levels: int = 15) -> ImagePreset:
-    # Strides at levels 1, 11 and 15 for L = 15: 32 -> 16 -> 8 -> 4. A deeper ladder (the LVAE+ L = 29
-    # ablation) keeps the rule: the second stride at 11/15 of the depth, the third at the top.
+    # Strides at levels 1, 11 and 15 for L = 15: 32 -> 16 -> 8 -> 4; latent channels 38, 36, ..., 10.
+    # Another depth keeps the rule: the second stride at 11/15 of the depth, the third at the top,
+    # and latent channels falling linearly from 38 to 10. For the LVAE+ L = 29 ablation (one level
+    # per stochastic group of BIVA's inference path) that is 38, 37, ..., 10 with strides at 1, 21,
+    # 29, the level that mirrors BIVA's level 11; "38 - 2i" would run out of channels at level 20.
     second = round(levels * 11 / 15)
     ladder = LadderConfig(
         ndim=2, input_channels=3, input_size=[32, 32], output_channels=96, levels=levels,
-        channels=[96] * levels, latent_channels=[max(38 - 2 * i, 2) for i in range(levels)],
+        channels=[96] * levels, latent_channels=_spread(38, 10, levels),
         strides=_per_level(levels, [1, second, levels], 2), kernels=[5] + [3] * (levels - 1), depth=3,
         latent_kind="conv", dropout_inference=0.2, dropout_generative=0.0)
     model = ImageModelConfig(image_shape=[3, 32, 32], likelihood="logistic-mixture", ladder=ladder)
