@@ -14,6 +14,7 @@ from shared.nn import WNConv
 from .names import LIKELIHOODS
 
 BINARIZE_KEY = 8191  # noise key of dynamic binarisation (fixed per example in evaluation)
+DECODE_KEY = 8192  # noise keys of drawing x ~ p(x|z) (8192 and 8193), apart from every latent group's
 
 
 @dataclass
@@ -76,25 +77,29 @@ class ImageVAE(LadderModel):
         return torch.full((batch["x"].shape[0],), float(n), device=batch["x"].device)
 
     def decode(self, d0: torch.Tensor, mode: str = "sample", noise=None) -> torch.Tensor:
-        """uint8 images (B, C, H, W) from d_0: a draw from p(x|z), or its mean with mode="mean"."""
+        """uint8 images (B, C, H, W) from d_0: a draw from p(x|z), or its mean with mode="mean".
+
+        With a keyed ``noise`` (HashedNoise) the draw depends on the example ids, not on the batching."""
         params = self.head(d0).float()
         if self.cfg.likelihood == "bernoulli":
             probs = torch.sigmoid(params)
-            x = probs if mode == "mean" else (torch.rand_like(probs) < probs).float()
-            return (x * 255).round().to(torch.uint8)
+            if mode == "mean":
+                return (probs * 255).round().to(torch.uint8)
+            u = torch.rand_like(probs) if noise is None else noise.uniform(probs.shape, DECODE_KEY, probs.device)
+            return ((u < probs).float() * 255).to(torch.uint8)
         C = self.cfg.image_shape[0]
-        return DiscretizedLogisticMixture(params, C, self.cfg.mixture_components).sample(noise, mode=mode)
+        return DiscretizedLogisticMixture(params, C, self.cfg.mixture_components).sample(noise, DECODE_KEY, mode=mode)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, mode: str = "sample", noise=None) -> torch.Tensor:
         from shared.distributions import TrainNoise
 
         noise = noise or TrainNoise()
-        return self.decode(self.decode_prior(n, noise, temperature), mode, None)
+        return self.decode(self.decode_prior(n, noise, temperature), mode, noise)
 
     @torch.no_grad()
     def reconstruct(self, batch: dict, noise, from_level: int = 0, mode: str = "sample") -> torch.Tensor:
         """Posterior of levels > from_level kept, levels <= from_level drawn from the prior."""
         e0, _ = self.embed(batch, noise)
         d0 = self.ladder(e0, noise, mode="posterior", k=from_level).d0
-        return self.decode(d0, mode, None)
+        return self.decode(d0, mode, noise)
