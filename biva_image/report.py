@@ -1,0 +1,107 @@
+"""The image report (CONTRACTS.md, Report JSON) and the ablation table built from several reports.
+
+Importing this module is torch-free (``compare_image.py`` only reads JSON); ``image_report``
+imports the evaluation when called.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from shared.config import read_json
+from shared.errors import UserError
+
+REPORT = "report-{split}.json"
+
+
+def report_path(run_dir: str | Path, split: str) -> Path:
+    return Path(run_dir) / REPORT.format(split=split)
+
+
+def image_report(model, dataset, *, iw_samples: int, batch_size: int, seed: int, max_examples: int | None,
+                 device, iw_chunk: int = 100) -> dict:
+    """Bounds, KL per group and active units of ``model`` on ``dataset`` (likelihoods as positive
+    NLL: nats per image and bits/dim; ``*_iw`` from L_K with K = iw_samples, None when 0)."""
+    from shared.evaluate import evaluate
+
+    res = evaluate(model, dataset, batch_size=batch_size, seed=seed, iw_samples=iw_samples, iw_chunk=iw_chunk,
+                   max_examples=max_examples, active_units=True, device=device, desc="report")
+    kl_per_group = [{"level": g["level"], "kind": g["kind"], "kl": kl}
+                    for g, kl in zip(model.group_info, res.kl_per_group)]
+    active = res.active_units or {"total": 0, "per_group": []}
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "num_examples": res.num_examples,
+        "dims_per_image": res.num_dims / max(res.num_examples, 1),
+        "iw_samples": iw_samples,
+        "nats_elbo": -res.elbo,
+        "nats_iw": None if res.iw is None else -res.iw,
+        "bits_per_dim_elbo": res.bits_per_dim_elbo,
+        "bits_per_dim_iw": res.bits_per_dim_iw,
+        "kl": res.kl,
+        "kl_per_group": kl_per_group,
+        "active_units": {"total": active["total"], "per_group": active["per_group"]},
+        "active_groups": sum(1 for n in active["per_group"] if n > 0),
+        "num_groups": len(kl_per_group),
+    }
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table for the terminal."""
+    K = report["iw_samples"]
+    lines = [
+        f"{report.get('model', '?')} ({report.get('preset', '?')} preset, L={report.get('levels', '?')}), "
+        f"{report['num_params'] / 1e6:.2f}M parameters, {report['num_examples']} images of the {report.get('data', '?')}",
+        f"  {'bound':<14}{'nats/image':>12}{'bits/dim':>10}",
+        f"  {'ELBO L_1':<14}{_fmt(report['nats_elbo'], '.2f'):>12}{_fmt(report['bits_per_dim_elbo']):>10}",
+    ]
+    if K:
+        lines.append(f"  {'L_' + str(K):<14}{_fmt(report['nats_iw'], '.2f'):>12}{_fmt(report['bits_per_dim_iw']):>10}")
+    au = report["active_units"]
+    lines.append(f"  KL {report['kl']:.2f} nats/image; active units {au['total']}; active groups "
+                 f"{report['active_groups']}/{report['num_groups']}")
+    lines.append(f"  {'group':<10}{'KL nats':>10}{'active':>8}")
+    for g, n in zip(report["kl_per_group"], au["per_group"] or [None] * len(report["kl_per_group"])):
+        name = f"z{g['level']}" + ("" if g["kind"] == "top" else f" {g['kind']}")
+        lines.append(f"  {name:<10}{g['kl']:>10.3f}{_fmt(n, 'd'):>8}")
+    if report.get("anomaly"):
+        lines.append(f"  anomaly vs {report.get('ood', 'the OOD set')} (OOD positive, score = bits/dim):")
+        lines.append(f"  {'k':>4}{'K':>6}{'bpd in':>10}{'bpd ood':>10}{'AUROC':>8}")
+        for r in report["anomaly"]:
+            lines.append(f"  {r['k']:>4}{r['iw_samples']:>6}{r['bpd_in']:>10.4f}{r['bpd_ood']:>10.4f}{r['auroc']:>8.3f}")
+    return "\n".join(lines)
+
+
+def read_report(run_dir: str | Path, split: str) -> dict:
+    path = report_path(run_dir, split)
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass run directories of scripts/train_image.py")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {path.name}; run python scripts/report_image.py --run {run_dir} "
+                        f"--split {split} first")
+    report = read_json(path, "report")
+    missing = [k for k in ("num_params", "bits_per_dim_elbo", "kl_per_group", "active_units") if k not in report]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; rerun scripts/report_image.py --run {run_dir}")
+    return report
+
+
+def compare_table(rows: list[tuple[str, dict]]) -> str:
+    """The paper's Table 1 layout as Markdown: one row per run."""
+    lines = ["| run | model | L | params | bits/dim ELBO | bits/dim IW (K) | active groups | active units |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        iw = "-" if r.get("bits_per_dim_iw") is None else f"{r['bits_per_dim_iw']:.3f} ({r['iw_samples']})"
+        groups = r.get("num_groups", len(r["kl_per_group"]))
+        active_groups = r.get("active_groups", sum(1 for n in r["active_units"]["per_group"] if n > 0))
+        lines.append(f"| {name} | {r.get('model', '?')} | {r.get('levels', '?')} | {r['num_params'] / 1e6:.2f}M | "
+                     f"{r['bits_per_dim_elbo']:.3f} | {iw} | {active_groups}/{groups} | {r['active_units']['total']} |")
+    return "\n".join(lines)

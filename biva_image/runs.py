@@ -1,0 +1,105 @@
+"""Opening a trained image run for sampling, reconstruction and reports.
+
+``check_image_run`` is torch-free, so a script refuses a wrong ``--run`` (missing, not a run, a text
+run, no exported weights) before it imports anything heavy; the loaders import torch when called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import RunConfig, from_dict, read_json, replace
+from shared.errors import UserError
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"  # the names of shared.run_dir (which imports torch)
+SPLITS = ("train", "valid", "test")
+
+
+def check_image_run(run_dir: str | Path) -> RunConfig:
+    """The run config of an image run with exported weights, or a UserError naming what is wrong."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the --output-dir of a training run")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG}); pass the --output-dir of a training run")
+    data = read_json(run_dir / CONFIG, "run config")
+    if isinstance(data, dict) and data.get("modality") not in (None, "image"):
+        raise UserError(f"{run_dir} is a {data['modality']} run, not an image run; use the "
+                        f"{data['modality']} scripts (e.g. scripts/report_{data['modality']}.py)")
+    run = RunConfig.from_json(data, str(run_dir / CONFIG))
+    if not (run_dir / WEIGHTS).is_file():
+        raise UserError(f"{run_dir} has no exported weights ({WEIGHTS}) yet; train until the first checkpoint "
+                        f"is saved (--save-every)")
+    return run
+
+
+def pick_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return name
+
+
+def load_image_model(run_dir: str | Path, run: RunConfig, device: str = "cpu"):
+    """The run's ImageVAE with its EMA weights, in eval mode on ``device``."""
+    from shared.run_dir import load_weights
+
+    from .model import ImageModelConfig, ImageVAE
+
+    cfg = from_dict(ImageModelConfig, run.model, f"{Path(run_dir) / CONFIG} model")
+    model = load_weights(run_dir, ImageVAE(cfg))
+    return model.to(device).eval()
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class SplitData:
+    images: "object"  # uint8 (N, C, H, W) numpy array
+    name: str  # what to call it in messages and tables, e.g. "test split of data/"
+    shape: tuple[int, int, int]
+
+
+def run_data_config(run: RunConfig, data_dir: str | Path | None = None):
+    """The data config saved with the run (config.json "data"), pointed at ``data_dir`` if given."""
+    from .data import ImageDataConfig
+
+    if not run.data:
+        raise UserError("the run's config.json records no data; pass --data-dir with the images to use")
+    cfg = from_dict(ImageDataConfig, run.data, "config.json data")
+    if data_dir is not None:
+        cfg = replace(cfg, "data config", data_dir=str(data_dir))
+    return cfg
+
+
+def load_split(data_cfg, split: str, fallback_all: bool = False) -> SplitData:
+    """One split as uint8 images. A source without that split is a UserError suggesting --split valid,
+    unless ``fallback_all`` (an out-of-distribution set: any of its images will do), which then takes
+    everything the source has."""
+    import numpy as np
+
+    from .data import load_image_splits
+
+    splits = load_image_splits(data_cfg)
+    where = data_cfg.data_dir or data_cfg.dataset
+    images = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+    if images is None or len(images) == 0:
+        if fallback_all:
+            parts = [a for a in (splits.train, splits.valid, splits.test) if a is not None and len(a)]
+            return SplitData(np.concatenate(parts), f"all images of {where}", splits.shape)
+        raise UserError(f"{where} has no {split} split (an image folder needs a {split}/ subfolder for it); "
+                        f"pass --split valid")
+    return SplitData(images, f"{split} split of {where}", splits.shape)
+
+
+def check_shape(data: SplitData, model_shape, what: str) -> None:
+    if list(data.shape) != list(model_shape):
+        c, h, w = data.shape
+        mc, mh, mw = model_shape
+        raise UserError(f"the {what} ({data.name}) holds {h}x{w}x{c} images but the model takes {mh}x{mw}x{mc}; "
+                        f"use images of the size the run was trained on")
