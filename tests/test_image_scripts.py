@@ -1,0 +1,271 @@
+"""The image scripts end to end on the tiny preset: train on an image folder made here, then sample,
+reconstruct, report (bounds, KL per group, active units, anomaly curve) and compare; bad input is one
+line and exit status 2. One trained run is shared by the module; everything stays on the CPU, offline."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from biva_image.anomaly import auroc
+from biva_image.model import ImageModelConfig, ImageVAE
+from shared.config import from_dict
+from shared.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 8
+
+
+def _script(name: str):
+    """scripts/<name>.py as a module, so that main(argv) runs in-process (no second torch import)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_image, sample_image, reconstruct_image, report_image, compare_image = (
+    _script(n) for n in ("train_image", "sample_image", "reconstruct_image", "report_image", "compare_image"))
+
+
+def _bars(n: int, seed: int, size: int = SIZE) -> np.ndarray:
+    """Grey (N, size, size) images: a bright bar (row or column) over a dark noisy background."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 40, (n, size, size))
+    for i in range(n):
+        k = rng.integers(0, size)
+        if rng.random() < 0.5:
+            x[i, k, :] += 180
+        else:
+            x[i, :, k] += 180
+    return x.clip(0, 255).astype(np.uint8)
+
+
+def _write_folder(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    data = root / "data"
+    _write_folder(data / "train", _bars(320, seed=0))
+    _write_folder(data / "test", _bars(48, seed=1))
+    # OOD: uniform noise, which the model should find far less likely than bars.
+    ood = _write_folder(root / "ood", np.random.default_rng(2).integers(0, 256, (40, SIZE, SIZE)).astype(np.uint8))
+    run = root / "run"
+    train_image.main(["--data-dir", str(data), "--preset", "tiny", "--output-dir", str(run), "--max-steps", "40",
+                      "--eval-every", "20", "--save-every", "40", "--batch-size", "16",
+                      "--cache-dir", str(root / "cache")])
+    return {"root": root, "data": data, "ood": ood, "run": run}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def _grid_side(n: int, size: int = SIZE, pad: int = 1) -> int:
+    return n * (size + pad) + pad
+
+
+def test_training_writes_a_sample_grid_every_evaluation(world):
+    grids = sorted((world["run"] / "samples").glob("step_*.png"))
+    assert [p.name for p in grids] == ["step_0000020.png", "step_0000040.png"]
+    assert (world["run"] / "model.safetensors").is_file()
+
+
+def test_sample_image_writes_a_seeded_grid(world, tmp_path):
+    run = str(world["run"])
+    a = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "a.png"), "--seed", "3"])
+    b = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "b.png"), "--seed", "3",
+                           "--batch-size", "5"])
+    c = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "c.png"), "--seed", "4"])
+    mean = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "m.png"), "--output", "mean",
+                              "--latent-temperature", "0.5", "--ncol", "6"])
+    assert _png_size(a) == (_grid_side(4), _grid_side(3))  # 12 images: 4 per row, 3 rows
+    assert _png_size(mean) == (_grid_side(6), _grid_side(2))
+    pixels = {p: np.asarray(Image.open(p)) for p in (a, b, c)}
+    assert np.array_equal(pixels[a], pixels[b])  # same seed: same draws, whatever the batching
+    assert not np.array_equal(pixels[a], pixels[c])
+
+
+def test_reconstruct_image_puts_inputs_above_reconstructions(world, tmp_path):
+    out = reconstruct_image.main(["--run", str(world["run"]), "--num", "6", "--out", str(tmp_path / "r.png"),
+                                  "--from-level", "0", "2", "--split", "test"])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (_grid_side(3), _grid_side(6))  # inputs, k = 0, k = 2; six columns
+    test_images = _bars(48, seed=1)
+    for i in range(6):  # the first row is the test split in its on-disk order
+        y, x = 1, 1 + i * (SIZE + 1)
+        assert np.array_equal(grid[y:y + SIZE, x:x + SIZE], test_images[i])
+
+
+@pytest.fixture(scope="module")
+def report(world):
+    json_copy = world["root"] / "out" / "report.json"
+    result = report_image.main(["--run", str(world["run"]), "--iw-samples", "30", "--ood-data-dir", str(world["ood"]),
+                                "--json", str(json_copy), "--batch-size", "16"])
+    return result, json_copy
+
+
+def test_report_json_has_the_contract_keys_with_finite_values(world, report):
+    result, json_copy = report
+    saved = json.loads((world["run"] / "report-test.json").read_text())
+    assert saved == json.loads(json_copy.read_text()) == json.loads(json.dumps(result))
+    for key in ("num_params", "iw_samples", "nats_elbo", "nats_iw", "bits_per_dim_elbo", "bits_per_dim_iw"):
+        assert isinstance(saved[key], (int, float)) and math.isfinite(saved[key]), key
+    assert saved["iw_samples"] == 30 and saved["num_examples"] == 48
+    config = json.loads((world["run"] / "config.json").read_text())["model"]
+    model = ImageVAE(from_dict(ImageModelConfig, config))
+    assert saved["num_params"] == sum(p.numel() for p in model.parameters())
+    # bits/dim = nats / (D ln 2) with D = 64 sub-pixels
+    assert saved["bits_per_dim_elbo"] == pytest.approx(saved["nats_elbo"] / (64 * math.log(2)))
+    # L_K >= L_1 in expectation: the IW bound is the lower (better) bits/dim, up to noise.
+    assert saved["bits_per_dim_iw"] <= saved["bits_per_dim_elbo"] + 1e-3
+    groups = saved["kl_per_group"]
+    assert [(g["level"], g["kind"]) for g in groups] == [(3, "top"), (2, "bu"), (2, "td"), (1, "bu"), (1, "td")]
+    assert all(math.isfinite(g["kl"]) for g in groups)
+    assert sum(g["kl"] for g in groups) == pytest.approx(saved["kl"])
+    au = saved["active_units"]
+    assert len(au["per_group"]) == 5 and au["total"] == sum(au["per_group"])
+    assert (world["run"] / "report-test-kl.png").is_file() and (world["run"] / "report-test-anomaly.png").is_file()
+
+
+def test_report_anomaly_rows(report):
+    result, _ = report
+    rows = result["anomaly"]
+    assert [r["k"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert set(r) == {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc"} and r["iw_samples"] == 1
+        assert 0.0 <= r["auroc"] <= 1.0 and math.isfinite(r["bpd_in"]) and math.isfinite(r["bpd_ood"])
+    # L^{>0} with one sample is the ELBO, on the same noise.
+    assert rows[0]["bpd_in"] == pytest.approx(result["bits_per_dim_elbo"], abs=1e-9)
+    # Uniform noise is far less likely than the bars the model was trained on.
+    assert rows[0]["bpd_ood"] > rows[0]["bpd_in"] and rows[0]["auroc"] > 0.9
+
+
+def test_report_numbers_do_not_depend_on_the_batch_size(world, tmp_path):
+    kw = ["--run", str(world["run"]), "--iw-samples", "4", "--max-examples", "20", "--split", "valid"]
+    a = report_image.main(kw + ["--batch-size", "20"])
+    b = report_image.main(kw + ["--batch-size", "3", "--iw-chunk", "3"])
+    for key in ("nats_elbo", "nats_iw", "kl"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    assert a["num_examples"] == 20 and (world["run"] / "report-valid.json").is_file()
+
+
+def test_compare_image_table_and_plot(world, report, tmp_path):
+    other = tmp_path / "lvae-copy"
+    shutil.copytree(world["run"], other)
+    changed = json.loads((other / "report-test.json").read_text())
+    changed.update(model="lvae", bits_per_dim_elbo=9.875)
+    (other / "report-test.json").write_text(json.dumps(changed))
+    table = compare_image.main([str(world["run"]), str(other), "--out", str(tmp_path / "t.md"),
+                                "--plot", str(tmp_path / "kl.png")])
+    rows = table.splitlines()[2:]
+    assert len(rows) == 2 and rows[0].startswith("| run | biva |") and rows[1].startswith("| lvae-copy | lvae |")
+    assert f"| {report[0]['bits_per_dim_elbo']:.3f} |" in rows[0] and "| 9.875 |" in rows[1]
+    assert (tmp_path / "t.md").read_text().strip() == table
+    assert _png_size(tmp_path / "kl.png")[0] > 100
+
+
+def test_auroc_is_rank_based_with_ties():
+    assert auroc([1, 2, 3], [4, 5, 6]) == 1.0
+    assert auroc([4, 5, 6], [1, 2, 3]) == 0.0
+    assert auroc([1, 1], [1, 1, 1]) == 0.5  # all tied: chance
+    # P(pos > neg) + P(tie)/2 by hand, pos 2 against neg 1, 2, 3, then pos 3 against them
+    assert auroc([1, 2, 3], [2, 3]) == pytest.approx((1 + 0.5 + 0 + 1 + 1 + 0.5) / 6)
+    rng = np.random.default_rng(0)
+    neg, pos = rng.integers(0, 5, 200), rng.integers(1, 6, 150)
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert auroc(neg, pos) == pytest.approx(brute)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_text_run_is_refused_in_one_line(tmp_path):
+    text_run = tmp_path / "text-run"
+    text_run.mkdir()
+    (text_run / "config.json").write_text(json.dumps({"modality": "text", "preset": "bookcorpus", "model": {},
+                                                      "data": {}}))
+    for script, args in (("sample_image.py", ["--run", str(text_run)]),
+                         ("report_image.py", ["--run", str(text_run)]),
+                         ("compare_image.py", [str(text_run)])):
+        done = _cli(script, *args)
+        assert done.returncode == 2, (script, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, (script, lines)
+    assert "is a text run, not an image run" in _cli("sample_image.py", "--run", str(text_run)).stderr
+    assert "report_image.py" in _cli("compare_image.py", str(text_run)).stderr
+
+
+def test_bad_flags_exit_2(world, tmp_path):
+    for argv in (["--run", str(world["run"]), "--ood-dataset", "imagenet-21k"],
+                 ["--run", str(world["run"]), "--iw-samples", "-3"],
+                 ["--run", str(world["run"]), "--ood-k", "1"]):  # --ood-k without an OOD set
+        with pytest.raises(SystemExit) as exit_info:
+            report_image.main(argv)
+        assert exit_info.value.code == 2
+    with pytest.raises(UserError, match="not a run directory"):
+        sample_image.main(["--run", str(tmp_path)])
+    with pytest.raises(UserError, match="out of range"):
+        reconstruct_image.main(["--run", str(world["run"]), "--from-level", "3"])
+    with pytest.raises(UserError, match="out of range"):
+        report_image.main(["--run", str(world["run"]), "--ood-data-dir", str(world["ood"]), "--ood-k", "7"])
+
+
+def test_bad_data_is_one_sentence_and_writes_nothing(world, tmp_path):
+    run = str(world["run"])
+    before = (world["run"] / "report-test.json").read_bytes() if (world["run"] / "report-test.json").exists() else None
+    wrong_size = _write_folder(tmp_path / "big", _bars(12, seed=5, size=16))
+    with pytest.raises(UserError, match="16x16x1 images but the model takes 8x8x1"):
+        report_image.main(["--run", run, "--ood-data-dir", str(wrong_size), "--iw-samples", "2"])
+    with pytest.raises(UserError, match="16x16x1 images but the model takes 8x8x1"):
+        reconstruct_image.main(["--run", run, "--data-dir", str(wrong_size), "--split", "train"])
+    mixed = _write_folder(tmp_path / "mixed", _bars(3, seed=6))
+    Image.fromarray(_bars(1, seed=7, size=12)[0]).save(mixed / "odd.png")
+    with pytest.raises(UserError):
+        report_image.main(["--run", run, "--ood-data-dir", str(mixed), "--iw-samples", "2"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        report_image.main(["--run", run, "--ood-data-dir", str(empty), "--iw-samples", "2"])
+    flat = _write_folder(tmp_path / "flat", _bars(30, seed=8))  # no test/ subfolder
+    with pytest.raises(UserError, match="no test split.*--split valid"):
+        report_image.main(["--run", run, "--data-dir", str(flat)])
+    after = (world["run"] / "report-test.json").read_bytes() if (world["run"] / "report-test.json").exists() else None
+    assert before == after
+
+
+def test_offline_ood_hub_set_names_ood_data_dir(world, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub (offline mode is enabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as err:
+        report_image.main(["--run", str(world["run"]), "--ood-dataset", "svhn", "--iw-samples", "2"])
+    message = str(err.value)
+    assert "could not fetch ufldl-stanford/svhn" in message and "--ood-data-dir" in message
+    assert "\n" not in message
