@@ -127,38 +127,38 @@ def token_log_prob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tens
 
 
 class LSTMDecoder(nn.Module):
-    """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t."""
+    """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t.
 
-    def __init__(self, io: TokenIO, cond_dim: int, hidden_size: int):
+    The token embedding and output layer (``io``) belong to the model and are passed in, so the
+    tied matrix is stored once."""
+
+    def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int):
         super().__init__()
-        self.io = io
         self.cond_dim = cond_dim
-        self.lstm = nn.LSTM(io.dim + cond_dim, hidden_size, batch_first=True)
-        self.proj = nn.Linear(hidden_size, io.dim)
+        self.lstm = nn.LSTM(embedding_dim + cond_dim, hidden_size, batch_first=True)
+        self.proj = nn.Linear(hidden_size, embedding_dim)
 
-    def inputs(self, tokens: torch.Tensor, n: int, cond: torch.Tensor | None) -> torch.Tensor:
-        prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, : n - 1]], dim=1)
-        x = self.io.embed(prev)  # (B, n, E)
-        if cond is not None:
-            x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
-        return x
-
-    def log_likelihood(self, tokens: torch.Tensor, lengths: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
+                       cond: torch.Tensor | None) -> torch.Tensor:
         """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
         n = int(lengths.max())  # the LSTM is causal: positions past the longest sentence never count
-        h, _ = self.lstm(self.inputs(tokens, n, cond))  # (B, n, H)
+        prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, : n - 1]], dim=1)
+        x = io.embed(prev)  # (B, n, E)
+        if cond is not None:
+            x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
+        h, _ = self.lstm(x)  # (B, n, H)
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
-        logits = self.io.logits(self.proj(h[mask]))  # only the scored positions: (N, V)
+        logits = io.logits(self.proj(h[mask]))  # only the scored positions: (N, V)
         return token_log_prob(logits, tokens[:, :n][mask], rows, tokens.shape[0])
 
-    def step(self, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
+    def step(self, io: TokenIO, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
         """One decoding step: prev (B,) ids, cond_t (B, C) → logits (B, V) fp32, new state."""
-        x = self.io.embed(prev[:, None])
+        x = io.embed(prev[:, None])
         if cond_t is not None:
             x = torch.cat([x, cond_t[:, None].to(x.dtype)], dim=2)
         h, state = self.lstm(x, state)
-        return self.io.logits(self.proj(h[:, 0])).float(), state
+        return io.logits(self.proj(h[:, 0])).float(), state
 
 
 class TextModelMixin:
@@ -179,6 +179,10 @@ class TextModelMixin:
     def data_size(self, batch: dict) -> torch.Tensor:
         """Predicted tokens per sentence, EOS included (a sentence of n words counts n + 1)."""
         return batch["length"].float()
+
+    def decode_step(self, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
+        """One autoregressive step: prev (B,) ids, cond_t (B, C) or None → logits (B, V), state."""
+        return self.decoder.step(self.io, prev, state, cond_t)
 
     def set_kl_weight(self, weight: float) -> None:
         self.kl_weight.fill_(float(weight))
@@ -217,7 +221,7 @@ class TextLadderModel(TextModelMixin, LadderModel):
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
         C = cfg.ladder.output_channels
         if self.autoregressive:
-            self.decoder = LSTMDecoder(self.io, C, cfg.hidden_size)
+            self.decoder = LSTMDecoder(cfg.embedding_dim, C, cfg.hidden_size)
         else:
             self.head = WNConv(1, C, cfg.embedding_dim, kernel=1)  # d_0 → tied output layer, per position
 
@@ -232,7 +236,7 @@ class TextLadderModel(TextModelMixin, LadderModel):
 
     def log_likelihood(self, d0, tokens, batch):
         if self.autoregressive:
-            return self.decoder.log_likelihood(tokens, batch["length"].long(), d0.transpose(1, 2))
+            return self.decoder.log_likelihood(self.io, tokens, batch["length"].long(), d0.transpose(1, 2))
         W = self.cfg.max_tokens + 1  # the fixed-length sequence: pieces, EOS, then PAD
         logits = self.token_logits(d0)[:, :W]
         B = tokens.shape[0]
@@ -277,11 +281,11 @@ class LSTMLanguageModel(TextModelMixin, LatentVariableModel):
         super().__init__()
         self._init_text(cfg)
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
-        self.decoder = LSTMDecoder(self.io, 0, cfg.hidden_size)
+        self.decoder = LSTMDecoder(cfg.embedding_dim, 0, cfg.hidden_size)
 
     def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
         tokens = self.padded_tokens(batch)
-        log_px = self.decoder.log_likelihood(tokens, batch["length"].long(), None)
+        log_px = self.decoder.log_likelihood(self.io, tokens, batch["length"].long(), None)
         empty = log_px.new_zeros(log_px.shape[0], 0)
         return ModelOutput(log_px=log_px, log_q=empty, log_p=empty, scored=[])
 
@@ -309,7 +313,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         self.q_head = nn.Linear(cfg.hidden_size, 2 * cfg.latent_dim)
         nn.init.zeros_(self.q_head.bias)
         self.q_head.weight.data.mul_(0.1)  # start near the prior, as the ladder's heads do
-        self.decoder = LSTMDecoder(self.io, cfg.latent_dim, cfg.hidden_size)
+        self.decoder = LSTMDecoder(cfg.embedding_dim, cfg.latent_dim, cfg.hidden_size)
 
     def posterior(self, batch: dict) -> Gaussian:
         tokens = self.padded_tokens(batch)
@@ -329,7 +333,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         prior = standard_normal_like(q.mu.shape, q.mu.device)
         z = q.sample(noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device))
         lengths = batch["length"].long()
-        log_px = self.decoder.log_likelihood(self.padded_tokens(batch), lengths, self._expand(z, int(lengths.max())))
+        log_px = self.decoder.log_likelihood(self.io, self.padded_tokens(batch), lengths, self._expand(z, int(lengths.max())))
         out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
                           scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)
         return self._warm(out)

@@ -92,7 +92,7 @@ def test_teacher_forcing_equals_step_by_step_decoding(name):
     state, total = None, torch.zeros(2)
     prev = torch.full((2,), BOS_ID)
     for t in range(int(batch["length"].max())):
-        logits, state = model.decoder.step(prev, state, None if cond is None else cond[:, t])
+        logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
         lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
         total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
         prev = batch["tokens"][:, t]

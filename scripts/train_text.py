@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Train BIVA (or a baseline) on sentences.
+
+    accelerate launch scripts/train_text.py                       # BookCorpus, biva-lstm, the paper's recipe
+    python scripts/train_text.py --train-files train.txt --valid-files valid.txt --test-files test.txt
+    python scripts/train_text.py --model rnn-vae --kl-schedule warmup --kl-warmup-steps 20000
+    python scripts/train_text.py --preset tiny --train-files my.txt --max-steps 200
+
+Defaults (preset paper): Adamax lr 2e-3, batch 512, 5 epochs, one sample, free bits on plateau with a
+30-nat budget split over the 2L-1 = 13 latent groups; SentencePiece word tokenizer, 20,000 pieces,
+sentences of at most 40 pieces. Without --train-files the text is BookCorpus streamed from the hub
+copy rojagtap/bookcorpus (its two plain-text files; download books_large_p1.txt and
+books_large_p2.txt once and pass them with --train-files to work offline). Without --valid-files /
+--test-files, seeded held-out splits are carved from the training text. The tokenizer is trained
+once and stored in the run directory (tokenizer.model); a sample of generated sentences is written
+to samples/step_N.txt at every evaluation.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biva_text.names import KL_SCHEDULES, TEXT_MODELS, TEXT_PRESETS, TOKENIZERS  # noqa: E402
+from shared.cli import ArgumentParser, add_training_flags, nonneg_int, positive_int  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+
+SAMPLES_PER_EVAL = 20
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", help="hub dataset read as plain text, one sentence per row (default bookcorpus "
+                                     "= rojagtap/bookcorpus); ignored with --train-files")
+    d.add_argument("--train-files", nargs="+", type=Path, metavar="FILE",
+                   help="local UTF-8 text files, one sentence per line (instead of the hub dataset)")
+    d.add_argument("--valid-files", nargs="+", type=Path, metavar="FILE", help="validation sentences (default: carved from the training text)")
+    d.add_argument("--test-files", nargs="+", type=Path, metavar="FILE", help="test sentences (default: carved from the training text)")
+    d.add_argument("--valid-size", type=positive_int, help="validation sentences to carve (default 10000, at most a tenth)")
+    d.add_argument("--test-size", type=positive_int, help="test sentences to carve (default 10000, at most a tenth)")
+    d.add_argument("--max-sentences", type=positive_int, help="read at most this many training sentences (quick runs; default: all)")
+    d.add_argument("--tokenizer", choices=TOKENIZERS, help="SentencePiece model: word (the paper's, sentences with "
+                                                           "out-of-vocabulary words are dropped) or unigram (default word)")
+    d.add_argument("--vocab-size", type=positive_int, help="pieces, specials included (default 20000)")
+    d.add_argument("--max-tokens", type=positive_int, help="longest sentence kept, in pieces without EOS (default 40)")
+    d.add_argument("--tokenizer-sample", type=positive_int, help="sentences the tokenizer is trained on (default 2000000)")
+    d.add_argument("--cache-dir", type=Path, help="token store cache (default ~/.cache/biva/text)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=TEXT_MODELS, help="biva-lstm (default), biva (no autoregression), "
+                                                        "lstm-lm or rnn-vae (baselines)")
+    m.add_argument("--kl-schedule", choices=KL_SCHEDULES, help="free-bits (default for BIVA: the plateau schedule "
+                                                               "of --free-bits-budget) or warmup (default for rnn-vae)")
+    m.add_argument("--kl-warmup-steps", type=nonneg_int, help="optimiser steps over which the KL weight rises "
+                                                              "linearly from 0 to 1 (warmup; default: the preset's)")
+    add_training_flags(p, list(TEXT_PRESETS))
+    args = p.parse_args(argv)
+    for name in ("train_files", "valid_files", "test_files"):
+        for path in getattr(args, name) or []:
+            if not path.is_file():
+                p.error(f"--{name.replace('_', '-')} {path} is not a file")
+    if args.train_files and args.dataset:
+        p.error("--dataset and --train-files both name the training text; pass one of them")
+    if args.model == "lstm-lm" and (args.kl_schedule or args.kl_warmup_steps is not None):
+        p.error("lstm-lm has no latent variables; drop --kl-schedule / --kl-warmup-steps")
+    if args.kl_warmup_steps is not None and args.kl_schedule == "free-bits":
+        p.error("--kl-warmup-steps needs --kl-schedule warmup")
+    if args.vocab_size is not None and not 5 <= args.vocab_size <= 65536:
+        p.error(f"--vocab-size must be between 5 and 65536, got {args.vocab_size}")
+    return args
+
+
+def data_config(args):
+    from biva_text.data import TextDataConfig
+
+    cfg = TextDataConfig(split_seed=args.split_seed or 0)
+    if args.train_files:
+        cfg.dataset = "files"
+        cfg.train_files = [str(p) for p in args.train_files]
+    elif args.dataset:
+        cfg.dataset = args.dataset
+    cfg.valid_files = [str(p) for p in args.valid_files or []]
+    cfg.test_files = [str(p) for p in args.test_files or []]
+    for name in ("valid_size", "test_size", "max_sentences", "tokenizer", "vocab_size", "max_tokens", "tokenizer_sample"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    return cfg
+
+
+def print_data_stats(stats: dict, file=sys.stderr) -> None:
+    tok = stats["tokenizer"]
+    print(f"tokenizer: {tok['model_type']}, {tok['vocab_size']} pieces (asked {tok['vocab_size_requested']}); "
+          f"sentences of at most {stats['max_tokens']} pieces", file=file)
+    for name, c in stats["splits"].items():
+        print(f"  {name:5s}: {c['kept']} sentences kept of {c['sentences']} ({c['too_long']} too long, "
+              f"{c['oov']} with out-of-vocabulary words), {c['tokens']} tokens", file=file)
+
+
+def attach_kl_warmup(trainer, steps: int) -> None:
+    """KL weight min(1, step / steps) for the update after ``step`` optimiser steps, set from the
+    trainer's step count after every optimiser step (exact on resume; skipped updates do not count)."""
+    model = trainer.raw_model
+
+    def weight(step: int) -> float:
+        return 1.0 if steps <= 0 else min(1.0, step / steps)
+
+    model.set_kl_weight(weight(trainer.state.step))
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under Accelerate's wrapper
+    optimizer.register_step_post_hook(lambda opt, a, kw: model.set_kl_weight(weight(trainer.state.step + 1)))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # Heavy imports only after the flags are known to be good.
+    from accelerate import PartialState
+
+    from biva_text.data import TextDataConfig, TextDataset, prepare_text_data
+    from biva_text.decode import DecodeOptions, sample_prior, to_text
+    from biva_text.model import TextModelConfig, build_text_model, num_params
+    from biva_text.presets import get_preset
+    from shared.cli import default_output_dir, training_overrides
+    from shared.config import RunConfig, from_dict, replace, to_dict
+    from shared.engine import Trainer
+    from shared.run_dir import check_output_dir, read_run_config, write_run_config
+    from shared.train import open_run
+
+    preset_name = args.preset or "paper"
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(preset_name)
+    out = check_output_dir(args.output_dir, args.resume)
+    cache_dir = str(args.cache_dir) if args.cache_dir else None
+    if args.resume:
+        saved = read_run_config(out, "text")
+        data_cfg = from_dict(TextDataConfig, saved.data, "config.json data")
+        cache_dir = cache_dir or saved.extra.get("cache_dir")  # the token store the run was trained from
+    else:
+        data_cfg = data_config(args)
+    model_name = args.model or "biva-lstm"
+    flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
+             "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
+             "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
+             "train_files": [str(p) for p in args.train_files] if args.train_files else None}
+
+    state = PartialState()
+    had_tokenizer = (out / "tokenizer.model").exists()
+    try:
+        with state.main_process_first():  # the main process trains the tokenizer and fills the cache
+            splits = prepare_text_data(data_cfg, out, cache_dir=cache_dir)
+    except BaseException:
+        if state.is_main_process and not args.resume and not had_tokenizer:  # leave no half-made run behind
+            for suffix in (".model", ".vocab"):
+                (out / f"tokenizer{suffix}").unlink(missing_ok=True)
+        raise
+    vocab_size = splits.load_tokenizer().vocab_size
+
+    def fresh_run() -> RunConfig:
+        preset = get_preset(preset_name, model_name, vocab_size=vocab_size, max_tokens=data_cfg.max_tokens,
+                            kl_schedule=args.kl_schedule, kl_warmup_steps=args.kl_warmup_steps)
+        train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
+        m = preset.model
+        effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
+                     "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
+                     "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
+                     "train_files": data_cfg.train_files or None}
+        data_stats = {k: splits.stats[k] for k in ("splits", "tokenizer", "read", "max_tokens") if k in splits.stats}
+        return RunConfig(modality="text", preset=preset_name, model=to_dict(m), data=to_dict(data_cfg),
+                         train=train, extra={"flags": effective, "data_stats": data_stats, "cache_dir": cache_dir})
+
+    run, out = open_run(args, "text", fresh_run, flags)
+    model_cfg = from_dict(TextModelConfig, run.model, "config.json model").validate()
+    if model_cfg.vocab_size != vocab_size:
+        raise UserError(f"the run's model has {model_cfg.vocab_size} pieces but {out / 'tokenizer.model'} has "
+                        f"{vocab_size}; keep the run's own tokenizer")
+    if state.is_main_process and not args.resume:
+        write_run_config(out, run)
+    state.wait_for_everyone()
+
+    tokenizer = splits.load_tokenizer()
+
+    def on_evaluate(ema_model, step, run_dir):
+        tokens = sample_prior(ema_model, SAMPLES_PER_EVAL, DecodeOptions(method="sample", seed=0))
+        path = Path(run_dir) / "samples" / f"step_{step}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(to_text(tokenizer, tokens)) + "\n")
+
+    trainer = Trainer(run, lambda: build_text_model(model_cfg), TextDataset(splits.train), TextDataset(splits.valid),
+                      out, resume=args.resume, on_evaluate=on_evaluate,
+                      resume_command=f"{sys.argv[0]} --output-dir {out}")
+    if model_cfg.kl_schedule == "warmup":
+        attach_kl_warmup(trainer, model_cfg.kl_warmup_steps)
+    if state.is_main_process:
+        print_data_stats(splits.stats)
+        schedule = {"free-bits": f"free bits, budget {run.train.free_bits_budget:g} nats over "
+                                 f"{trainer.raw_model.num_groups} groups",
+                    "warmup": f"KL warm-up over {model_cfg.kl_warmup_steps} steps",
+                    None: "no latent variables"}[model_cfg.kl_schedule]
+        print(f"{run.preset} preset, {model_cfg.model}, {num_params(trainer.raw_model) / 1e6:.2f}M parameters, "
+              f"T = {model_cfg.seq_len}, {schedule}; {len(splits.train)} train / {len(splits.valid)} valid "
+              f"sentences -> {out}", file=sys.stderr)
+    summary = trainer.fit()
+    if state.is_main_process:
+        v = summary["valid"]
+        ppl = math.exp(v["nats_per_dim"])  # exp(sum of -ELBO / sum of tokens)
+        print(f"step {summary['step']}: valid ELBO {v['elbo']:.3f} nats per sentence, KL {v['kl']:.3f}, "
+              f"perplexity <= {ppl:.2f}; run directory {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
