@@ -1,7 +1,8 @@
 """The run directory (CONTRACTS.md): config, checkpoints, exported EMA weights, metrics.
 
 Everything a run needs to be rebuilt, evaluated, sampled or resumed lives here, and nothing in it
-needs pickle to rebuild the model: ``config.json`` + ``model.safetensors``.
+needs pickle to rebuild the model: ``config.json`` + ``model.safetensors``. Torch is imported only by
+the functions that move tensors, so the command line can check a run directory in well under a second.
 """
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig, TrainConfig, read_json, write_json_atomic  # noqa: F401  (re-exported)
 from .errors import UserError
@@ -24,12 +22,17 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
+if TYPE_CHECKING:
+    import torch
+
 
 def check_output_dir(path: str | Path, resume: bool) -> Path:
     """Refuse a run directory that cannot be used, before anything is written."""
     path = Path(path)
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
+            if parent == path:
+                raise UserError(f"--output-dir {path} is a file, not a directory; choose another --output-dir")
             raise UserError(f"--output-dir {path} lies below {parent}, which is a file, not a directory; choose another --output-dir")
     has_run = (path / CONFIG).exists() or (path / CHECKPOINTS).exists()
     if resume:
@@ -57,17 +60,39 @@ def read_run_config(run_dir: str | Path, modality: str | None = None) -> RunConf
     return run
 
 
+def check_resumable(run_dir: str | Path, modality: str | None = None, preset: str | None = None) -> RunConfig:
+    """What --resume needs, checked without torch: a config.json of the right modality (and preset, if
+    one is asked for) whose latest checkpoint was written by the same model."""
+    run_dir = Path(run_dir)
+    run = read_run_config(run_dir, modality)
+    if preset is not None and preset != run.preset:
+        raise UserError(f"--preset {preset} differs from the resumed run's preset {run.preset}; "
+                        f"drop --preset or choose a new --output-dir")
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        path = latest[1]
+        state = read_json(path / "trainer_state.json", "checkpoint state")
+        if not isinstance(state, dict) or state.get("model") != run.model:
+            raise UserError(f"checkpoint {path} was written by a different model than {run_dir / CONFIG} "
+                            f"(another preset or model flags); remove that checkpoint or choose a new --output-dir")
+    return run
+
+
 def write_run_config(run_dir: Path, run: RunConfig) -> None:
     write_json_atomic(run_dir / CONFIG, run.to_json())
 
 
-def export_weights(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
+def export_weights(run_dir: Path, state: dict[str, "torch.Tensor"]) -> None:
+    from safetensors.torch import save_file
+
     tmp = run_dir / (WEIGHTS + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, run_dir / WEIGHTS)
 
 
-def load_weights(run_dir: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+def load_weights(run_dir: str | Path, model: "torch.nn.Module") -> "torch.nn.Module":
+    from safetensors.torch import load_file
+
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise UserError(f"{run_dir} has no exported weights ({WEIGHTS}); train until the first checkpoint is saved")
@@ -98,11 +123,15 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints. A checkpoint is renamed before it is deleted, so a crash
+    in the middle never leaves a half-deleted folder under a ``step_N`` name."""
     found = checkpoints(run_dir)
-    for _, path in found[: max(len(found) - keep, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINTS
-    for p in root.glob(".tmp_*"):  # leftovers of a write that was killed
+    for _, path in found[: max(len(found) - keep, 0)]:
+        doomed = root / f".tmp_pruned_{path.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+    for p in root.glob(".tmp_*"):  # leftovers of a write or a deletion that was killed
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -125,13 +154,31 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop the lines written after the resumed checkpoint."""
+def metrics_size(run_dir: Path) -> int:
+    path = Path(run_dir) / METRICS
+    return path.stat().st_size if path.is_file() else 0
+
+
+def truncate_metrics(run_dir: Path, step: int, size: int | None = None) -> None:
+    """On resume, drop the lines written after the resumed checkpoint.
+
+    ``size`` is the file's length when the checkpoint was saved: cutting there also drops what was
+    logged after the save at the same step (a skipped update, the end-of-run evaluation), so a
+    resumed run writes exactly the lines of an uninterrupted one. Without it (or if the file is
+    shorter than that), lines past ``step`` are dropped.
+    """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    data = path.read_bytes()
+    if size is not None and len(data) >= size:
+        kept = data[:size]
+    else:
+        records = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        kept = "".join(json.dumps(r) + "\n" for r in records).encode()
+    if kept == data:
+        return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_bytes(kept)
     os.replace(tmp, path)
 
