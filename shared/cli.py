@@ -8,14 +8,33 @@ import sys
 from pathlib import Path
 
 from .config import TrainConfig
+from .errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with CONTRACTS.md's error format: one line on stderr, exit status 2."""
+    """argparse with CONTRACTS.md's error format: one line on stderr, exit status 2.
+
+    Checks registered in ``checks`` (e.g. by ``add_training_flags``) run right after parsing, still
+    before anything heavy is imported.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks: list = []
 
     def error(self, message: str):  # noqa: D102
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        parsed = super().parse_args(args, namespace)
+        for check in self.checks:
+            try:
+                check(parsed)
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+        return parsed
 
 
 def _number(kind, low=None, high=None, low_open=False, name="a number"):
@@ -43,8 +62,9 @@ open_fraction = _number(float, 0.0, 1.0, low_open=True, name="a number in (0, 1]
 any_int = _number(int, name="an integer")
 
 
-def add_training_flags(p: argparse.ArgumentParser, presets: list[str]) -> None:
-    """The engine's flags, identical in every training script. Unset flags keep the preset's value."""
+def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality: str | None = None) -> None:
+    """The engine's flags, identical in every training script. Unset flags keep the preset's value.
+    With ``modality``, --resume of another modality's run fails while parsing."""
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=presets, help="named configuration; the flags below override its fields")
     g.add_argument("--output-dir", type=Path, help="run directory (default: runs/<preset>-<time>)")
@@ -80,6 +100,22 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str]) -> None:
     s.add_argument("--skip-threshold", type=positive_float, help="skip updates whose gradient norm exceeds this")
     s.add_argument("--max-skips", type=positive_int, help="stop after this many skipped updates in a row")
     s.add_argument("--num-workers", type=nonneg_int, help="data loader worker processes")
+    if isinstance(p, ArgumentParser):
+        p.checks.append(lambda args: check_run_flags(args, modality))
+
+
+def check_run_flags(args: argparse.Namespace, modality: str | None = None) -> None:
+    """The run directory must fit --resume, checked before data or torch are loaded. Under torchrun
+    every process checks here, before the processes meet, so none can see a config.json that the
+    main process wrote for this very run."""
+    from .run_dir import check_output_dir, check_resumable
+
+    if args.resume and args.output_dir is None:
+        raise UserError("--resume needs --output-dir, the run directory to continue")
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir, args.resume)
+        if args.resume:
+            check_resumable(args.output_dir, modality, getattr(args, "preset", None))
 
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
