@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -27,13 +28,47 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import run_dir as rd
+from .debug_hooks import Faults, dump_state
 from .distributions import TrainNoise
 from .errors import UserError
 from .evaluate import evaluate
 from .free_bits import FreeBitsSchedule, free_bits_kl
 from .model import LatentVariableModel
 
-PREEMPT_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by signal"
+PREEMPT_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by signal" (130 after SIGINT)
+
+
+def use_cpu() -> bool:
+    """Accelerate runs several processes on the CPU (gloo) only when it is told to use the CPU: tell it
+    so when a launcher (torchrun, accelerate launch) started several processes on a machine without GPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return several and not gpu
+
+
+def process_state():
+    """Accelerate's process state, set up so that CPU processes started by torchrun join (gloo).
+    Scripts call this instead of ``accelerate.PartialState()``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
+def default_resume_command() -> str:
+    """The command that continues this run: the same launcher and flags, plus --resume."""
+    args = list(sys.argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by accelerate launch
+        launcher = "accelerate launch"
+    elif world > 1:
+        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    else:
+        launcher = "python"
+    return f"{launcher} {shlex.join(args)}"
 
 
 class EMA:
@@ -99,6 +134,29 @@ class TrainState:
     examples_seen: int = 0
 
 
+class LogWindow:
+    """Sums of the training figures since the last ``train`` record; saved in checkpoints, so a run
+    resumed between two records writes the same averages as an uninterrupted one."""
+
+    def __init__(self):
+        self.count, self.loss, self.elbo, self.grad_norm = 0, 0.0, 0.0, 0.0
+        self.kl: list[float] = []
+
+    def add(self, result: dict) -> None:
+        self.count += 1
+        self.loss += result["loss"]
+        self.elbo += result["elbo"]
+        self.grad_norm += result["grad_norm"]
+        kl = result["kl_per_group"]
+        self.kl = list(kl) if not self.kl else [a + b for a, b in zip(self.kl, kl)]
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
 class Trainer:
     def __init__(self, run: rd.RunConfig, build_model: Callable[[], LatentVariableModel],
                  train_set: Dataset, valid_set: Dataset, output_dir: str | Path, resume: bool = False,
@@ -109,15 +167,21 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.train_set, self.valid_set = train_set, valid_set
         self.on_evaluate = on_evaluate
-        self.resume_command = resume_command or " ".join(sys.argv)
+        self.resume_command = resume_command or default_resume_command()
         cfg = self.cfg
+        process_state()
         self.accelerator = Accelerator(
+            cpu=use_cpu(),
             mixed_precision=cfg.mixed_precision,
             dynamo_backend="inductor" if cfg.compile else None,
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
         world = acc.num_processes
+        if world != int(os.environ.get("WORLD_SIZE", "1")):
+            raise RuntimeError(f"{os.environ['WORLD_SIZE']} processes were started but only {world} joined: create "
+                               f"the process state with shared.engine.process_state(), not PartialState()")
+        self.faults = Faults(acc.process_index)
         if cfg.batch_size % (world * cfg.grad_accum):
             raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} process(es) x "
                             f"--grad-accum {cfg.grad_accum}; choose a multiple of {world * cfg.grad_accum}")
@@ -145,6 +209,7 @@ class Trainer:
         self.free_bits = FreeBitsSchedule(budget, G, cfg.free_bits_patience, cfg.free_bits_factor,
                                           cfg.free_bits_threshold, cfg.free_bits_min)
         self.state = TrainState()
+        self.window = LogWindow()
         self._stop_signal: str | None = None
         self.eval_batch_size = cfg.eval_batch_size or max(self.plan.micro, 1)
         self.resumed_from: int | None = None
@@ -162,6 +227,7 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         return {"train": vars(self.state), "free_bits": self.free_bits.state_dict(),
+                "log_window": self.window.state_dict(), "metrics_bytes": rd.metrics_size(self.output_dir),
                 "model": self.run.model, "modality": self.run.modality}
 
     def save_checkpoint(self) -> Path:
@@ -181,13 +247,16 @@ class Trainer:
         if self.is_main:
             ema_state = self.ema.state_dict()
             save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+            # Written last: a step_N folder with trainer_state.json is a complete checkpoint.
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(self._trainer_state(), f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
+            self.faults.kill_if("kill-saved", self.state.step)
             if final.exists():  # an incomplete leftover of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the checkpoint exists only once it is complete
+            self.faults.kill_if("kill-renamed", self.state.step)
             rd.export_weights(self.output_dir, ema_state)
             rd.prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
@@ -205,13 +274,20 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("model") != self.run.model:
             raise UserError(f"checkpoint {path} was written by a different model; choose a new --output-dir")
-        self.accelerator.load_state(str(path))
-        self.ema.load_state_dict({k: v.to(self.accelerator.device) for k, v in load_file(str(path / "ema.safetensors")).items()})
+        self.accelerator.load_state(str(path))  # weights, optimiser and every process's RNG
+        ema_state = load_file(str(path / "ema.safetensors"))
+        self.ema.load_state_dict({k: v.to(self.accelerator.device) for k, v in ema_state.items()})
         self.state = TrainState(**state["train"])
         self.free_bits.load_state_dict(state["free_bits"])
+        if "log_window" in state:
+            self.window.load_state_dict(state["log_window"])
         self.resumed_from = step
         if self.is_main:
-            rd.truncate_metrics(self.output_dir, step)
+            print(f"resuming from {path} (step {step})", file=sys.stderr)
+            rd.truncate_metrics(self.output_dir, step, state.get("metrics_bytes"))
+            # A run killed between the rename and the export left older weights at the top.
+            rd.export_weights(self.output_dir, ema_state)
+        self.accelerator.wait_for_everyone()
 
     def _handle_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:  # second signal: stop now
@@ -219,26 +295,35 @@ class Trainer:
         self._stop_signal = signal.Signals(signum).name
 
     # ------------------------------------------------------------------ evaluation
-    def validate(self, record_only: bool = False) -> dict:
-        """Validate the EMA model; ``record_only`` skips the log, the schedule and the hook (a resumed
-        run that has nothing left to do)."""
+    def validate(self, final: bool = False, log: bool = True) -> dict:
+        """Validate the EMA model. A scheduled validation logs its record, steps the free-bits schedule
+        and calls ``on_evaluate``; the ``final`` one at the end of a run (after the last checkpoint)
+        leaves the schedule alone, and with ``log=False`` only returns the record."""
         res = evaluate(self.ema.model, self.valid_set, batch_size=self.eval_batch_size, seed=self.cfg.eval_seed,
                        accelerator=self.accelerator, max_examples=self.cfg.eval_examples, desc="valid")
         record = {"step": self.state.step, "split": "valid", "elbo": res.elbo, "kl": res.kl,
                   "kl_per_group": res.kl_per_group, "bits_per_dim": res.bits_per_dim_elbo,
                   "nats_per_dim": -res.elbo * res.num_examples / max(res.num_dims, 1.0),
                   "free_bits_budget": self.free_bits.budget, "num_examples": res.num_examples}
-        if record_only:
+        if not log:
             return record
         self.log(record)
-        message = self.free_bits.step(res.elbo)
-        if message:
-            self.log({"step": self.state.step, "event": "free_bits", "budget": self.free_bits.budget,
-                      "per_group": self.free_bits.per_group})
-            if self.is_main:
-                tqdm.write(message)
+        self.faults.kill_if("kill-eval", self.state.step)
+        if not final:
+            message = self.free_bits.step(res.elbo)
+            if message:
+                self.log({"step": self.state.step, "event": "free_bits", "budget": self.free_bits.budget,
+                          "per_group": self.free_bits.per_group})
+                if self.is_main:
+                    tqdm.write(message)
         if self.on_evaluate is not None and self.is_main:
-            self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
+            # Its own seeded RNG: samples are the same after a resume, and drawing them never moves the
+            # training noise (which would make a run depend on whether samples are written).
+            device = self.accelerator.device
+            with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [],
+                                       device_type=device.type if device.type != "cpu" else None):
+                torch.manual_seed(self.cfg.eval_seed * 1_000_003 + self.state.step)
+                self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
         self.accelerator.wait_for_everyone()
         return record
 
@@ -257,12 +342,14 @@ class Trainer:
             self.state.batch_in_epoch = 0
 
     def _update(self, micro_batches: list[dict], noise) -> dict:
-        acc, cfg = self.accelerator, self.cfg
+        acc, cfg, fault = self.accelerator, self.cfg, self.faults
+        attempt = self.state.step + self.state.skipped_total + 1
+        if fault("sigterm", attempt):
+            os.kill(os.getpid(), signal.SIGTERM)
         lam = self.free_bits.per_group
         A = len(micro_batches)
-        totals = {"loss": 0.0, "elbo": 0.0}
-        kl_sum = None
-        finite = True
+        # (B, G) per micro-batch -> local sums: non-finite flag, stop flag, loss, elbo, kl per group
+        local = torch.zeros(4 + self.raw_model.num_groups, dtype=torch.float64, device=acc.device)
         for j, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = contextlib.nullcontext() if j == A - 1 else acc.no_sync(self.model)
@@ -271,18 +358,24 @@ class Trainer:
                     out = self.model(batch, noise, analytic_kl=cfg.analytic_kl)
                     kl_for_loss = out.kl_analytic if (cfg.analytic_kl and out.kl_analytic is not None) else out.kl
                     loss = -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0)
-                finite &= bool(torch.isfinite(loss))
+                if j == 0 and fault.active:
+                    loss = loss * (float("nan") if fault("nan-loss", attempt) else 1e6 if fault("big-grad", attempt) else 1.0)
+                local[0] += 0.0 if bool(torch.isfinite(loss)) else 1.0
                 acc.backward(loss / A)
-            totals["loss"] += float(loss.detach()) / A
-            totals["elbo"] += float(out.bound().detach().mean()) / A
-            kl = out.kl.detach().mean(0) / A
-            kl_sum = kl if kl_sum is None else kl_sum + kl
+            local[2] += loss.detach().double() / A
+            local[3] += out.bound().detach().double().mean() / A
+            if out.kl.shape[1]:
+                local[4:] += out.kl.detach().double().mean(0) / A
+        if fault("nan-grad", attempt):
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        # Every process must take the same decision: combine the local loss checks.
-        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if self._stop_signal else 0.0], device=acc.device)
-        flags = acc.reduce(flags, reduction="sum")
-        grad_norm = float(grad_norm)
-        ok = flags[0].item() == 0 and math.isfinite(grad_norm) and (
+        # One collective: every process takes the same decision (skip, stop) and logs the figures of the
+        # whole global batch, not just its own share.
+        local[1] = 1.0 if self._stop_signal else 0.0
+        world = acc.num_processes
+        total = acc.reduce(local, reduction="sum") if world > 1 else local
+        grad_norm = float(grad_norm)  # the norm of the synchronised gradient: the same everywhere
+        ok = total[0].item() == 0 and math.isfinite(grad_norm) and (
             cfg.skip_threshold is None or grad_norm <= cfg.skip_threshold)
         if ok:
             self.optimizer.step()
@@ -295,70 +388,92 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.batch_in_epoch += 1
         self.state.examples_seen += cfg.batch_size
-        if flags[1].item() > 0 and self._stop_signal is None:
+        stop = total[1].item() > 0
+        if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
-        return {**totals, "kl_per_group": (kl_sum.tolist() if kl_sum is not None else []),
-                "grad_norm": grad_norm, "skipped": not ok}
+        return {"loss": total[2].item() / world, "elbo": total[3].item() / world,
+                "kl_per_group": (total[4:] / world).tolist(), "grad_norm": grad_norm, "skipped": not ok,
+                "stop": stop}
+
+    def _log_train(self, t0: float, steps0: int) -> dict:
+        w, step = self.window, self.state.step
+        elapsed = max(time.time() - t0, 1e-9)
+        kl_per_group = [v / w.count for v in w.kl]
+        record = {
+            "step": step, "split": "train", "epoch": self.state.epoch,
+            "loss": w.loss / w.count, "elbo": w.elbo / w.count, "kl_per_group": kl_per_group,
+            "kl": sum(kl_per_group), "grad_norm": w.grad_norm / w.count,
+            "free_bits_budget": self.free_bits.budget, "lr": self.cfg.lr,
+            "steps_per_s": (step - steps0) / elapsed,
+            "examples_per_s": (step - steps0) * self.cfg.batch_size / elapsed,
+            "skipped_total": self.state.skipped_total,
+        }
+        self.log(record)
+        self.window = LogWindow()
+        return record
 
     def fit(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
+        """Train to ``total_steps``. Validation, logging and checkpoints follow the step grid
+        (``eval_every``, ``log_every``, ``save_every``) and a checkpoint is saved at the last step;
+        what an off-grid last step adds (a partial train record, a final validation) comes after
+        that checkpoint, so a run resumed from it writes exactly what an uninterrupted run writes."""
+        cfg = self.cfg
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         noise = TrainNoise()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main,
                    desc="train", dynamic_ncols=True)
-        window: list[dict] = []
         t0, steps0 = time.time(), self.state.step
         last_record = None
         try:
             batches = self._loader()
             while self.state.step < self.total_steps:
                 result = self._update(next(batches), noise)
+                step = self.state.step
                 if result["skipped"]:
-                    self.log({"step": self.state.step, "event": "skipped_update", "grad_norm": result["grad_norm"],
-                              "loss": result["loss"], "skipped_in_row": self.state.skipped_in_row})
+                    self.log({"step": step, "event": "skipped_update", "grad_norm": result["grad_norm"],
+                              "loss": result["loss"], "skipped_in_row": self.state.skipped_in_row,
+                              "skipped_total": self.state.skipped_total})
                     if self.state.skipped_in_row > cfg.max_skips:
                         raise UserError(
                             f"stopped: {self.state.skipped_in_row} updates in a row had a non-finite loss or a "
-                            f"gradient norm above the threshold; the last good checkpoint is intact, resume it "
-                            f"with a lower --lr or a --grad-clip")
+                            f"gradient norm above the threshold (--max-skips {cfg.max_skips}); the last good "
+                            f"checkpoint is intact: resume it with a lower --lr or a --grad-clip")
                 else:
-                    window.append(result)
+                    self.window.add(result)
                     bar.update(1)
-                step = self.state.step
-                if not result["skipped"] and (step % cfg.log_every == 0 or step == self.total_steps) and window:
-                    elapsed = max(time.time() - t0, 1e-9)
-                    record = {
-                        "step": step, "split": "train", "epoch": self.state.epoch,
-                        "loss": sum(r["loss"] for r in window) / len(window),
-                        "elbo": sum(r["elbo"] for r in window) / len(window),
-                        "kl_per_group": [sum(v) / len(window) for v in zip(*(r["kl_per_group"] for r in window))],
-                        "grad_norm": sum(r["grad_norm"] for r in window) / len(window),
-                        "free_bits_budget": self.free_bits.budget, "lr": cfg.lr,
-                        "steps_per_s": (step - steps0) / elapsed,
-                        "examples_per_s": (step - steps0) * cfg.batch_size / elapsed,
-                        "skipped_total": self.state.skipped_total,
-                    }
-                    record["kl"] = sum(record["kl_per_group"])
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.2f}", elbo=f"{record['elbo']:.2f}",
-                                    kl=f"{record['kl']:.2f}", refresh=False)
-                    window, t0, steps0 = [], time.time(), step
-                if not result["skipped"] and (step % cfg.eval_every == 0 or step == self.total_steps):
-                    last_record = self.validate()
-                if not result["skipped"] and (step % cfg.save_every == 0 or step == self.total_steps):
-                    self.save_checkpoint()
-                if self._stop_signal:
-                    path = self.save_checkpoint()
-                    if self.is_main:
-                        bar.close()
-                        print(f"received {self._stop_signal}: saved checkpoint {path} at step {self.state.step}; "
-                              f"resume with: {self.resume_command} --resume", file=sys.stderr)
-                    raise SystemExit(PREEMPT_EXIT_CODE)
+                    if step % cfg.log_every == 0:
+                        record = self._log_train(t0, steps0)
+                        bar.set_postfix(loss=f"{record['loss']:.2f}", elbo=f"{record['elbo']:.2f}",
+                                        kl=f"{record['kl']:.2f}", refresh=False)
+                        t0, steps0 = time.time(), step
+                    if step % cfg.eval_every == 0:
+                        last_record = self.validate()
+                    if step % cfg.save_every == 0 or step == self.total_steps:
+                        self.save_checkpoint()
+                if result["stop"] and step < self.total_steps:
+                    self._preempt(bar)
+            # The end of the run, after its last checkpoint (see the docstring).
+            if self.window.count:
+                self._log_train(t0, steps0)
+            step = self.state.step
+            if last_record is None or last_record["step"] != step:
+                # Logged only off the grid: on it, the record is already in the log (maybe from before a resume).
+                last_record = self.validate(final=True, log=step % cfg.eval_every != 0)
         finally:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        if last_record is None:
-            last_record = self.validate(record_only=True)
+        dump_state(self)
         return {"step": self.state.step, "valid": last_record, "skipped_total": self.state.skipped_total}
+
+    def _preempt(self, bar) -> None:
+        """SIGTERM or SIGINT on any process: every process saves the checkpoint and exits with 128 + the
+        signal's number, and the main process says how to resume."""
+        path = self.save_checkpoint()
+        dump_state(self)
+        if self.is_main:
+            bar.close()
+            print(f"received {self._stop_signal}: saved checkpoint {path} at step {self.state.step}; "
+                  f"resume with: {self.resume_command}", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[self._stop_signal].value)  # 143 for SIGTERM, 130 for SIGINT

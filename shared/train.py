@@ -9,7 +9,7 @@ from typing import Callable
 from .cli import default_output_dir, training_overrides
 from .config import RunConfig, replace
 from .errors import UserError
-from .run_dir import check_output_dir, read_run_config
+from .run_dir import check_output_dir, check_resumable
 
 
 def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunConfig],
@@ -22,10 +22,13 @@ def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunCon
     """
     preset = getattr(args, "preset", None) or "default"
     out = Path(args.output_dir) if args.output_dir else default_output_dir(preset)
-    check_output_dir(out, args.resume)
+    if args.resume or _is_main_process():
+        # Only the main process checks a new run's directory: it may already have written this very
+        # run's config.json when another process gets here (every process checked while parsing).
+        check_output_dir(out, args.resume)
     if not args.resume:
         return fresh(), out
-    run = read_run_config(out, modality)
+    run = check_resumable(out, modality, getattr(args, "preset", None))
     for flag, value in (model_flags or {}).items():
         saved = run.extra.get("flags", {}).get(flag)
         if value is not None and saved is not None and value != saved:
@@ -33,3 +36,9 @@ def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunCon
                             f"drop the flag or choose a new --output-dir")
     run.train = replace(run.train, "training flags", **training_overrides(args))
     return run, out
+
+
+def _is_main_process() -> bool:
+    from .engine import process_state
+
+    return process_state().is_main_process
