@@ -32,7 +32,7 @@ def parse_args(argv=None):
     d.add_argument("--model", choices=IMAGE_MODELS, help="biva, or the ablations lvae+ / lvae (default biva)")
     d.add_argument("--likelihood", choices=LIKELIHOODS, help="default: the preset's (bernoulli for binary images)")
     d.add_argument("--levels", type=nonneg_int, help="ladder depth L (default: the preset's; e.g. 29 for LVAE+ L=29)")
-    add_training_flags(p, list(IMAGE_PRESETS))
+    add_training_flags(p, list(IMAGE_PRESETS), modality="image")
     args = p.parse_args(argv)
     if args.data_dir is not None and not args.data_dir.is_dir():
         p.error(f"--data-dir {args.data_dir} is not a directory")
@@ -60,14 +60,12 @@ def choose_preset(args, shape) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     # Heavy imports only after the flags are known to be good.
-    from accelerate import PartialState
-
     from biva_image.data import ImageDataConfig, ImageDataset, load_image_splits
     from biva_image.model import ImageVAE
     from biva_image.presets import get_preset
     from biva_image.viz import save_grid
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer
+    from shared.engine import Trainer, process_state
     from shared.run_dir import write_run_config
     from shared.train import open_run
     from biva_image.model import ImageModelConfig
@@ -104,7 +102,7 @@ def main(argv=None) -> None:
         return RunConfig(modality="image", preset=preset_name, model=to_dict(model), data=to_dict(data_cfg),
                          train=train, extra={"flags": effective})
 
-    state = PartialState()
+    state = process_state()  # not PartialState(): CPU processes under torchrun must join
     with state.main_process_first():  # only the main process converts and caches the data
         splits = load_image_splits(data_cfg)
     run, out = open_run(args, "image", lambda: fresh_run(splits.shape), flags)
@@ -125,8 +123,7 @@ def main(argv=None) -> None:
         save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png")
 
     trainer = Trainer(run, lambda: ImageVAE(model_cfg), ImageDataset(splits.train), ImageDataset(splits.valid),
-                      out, resume=args.resume, on_evaluate=on_evaluate,
-                      resume_command=f"{sys.argv[0]} --output-dir {out}")
+                      out, resume=args.resume, on_evaluate=on_evaluate)
     if state.is_main_process:
         n_params = sum(p.numel() for p in trainer.raw_model.parameters())
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "
