@@ -1,0 +1,168 @@
+"""Evaluating a text run: the paper's Table 7 figures and latent usage (DESIGN.md §3, CONTRACTS.md).
+
+``text_report`` gives, per sentence and in nats: -L_1 (``nll_elbo``), -L_K (``nll_iw``), the KL
+(total and per group), perplexities exp(sum NLL / sum tokens) with tokens counting EOS, active units
+and the mutual information I(x; z) of He et al. (2019), estimated on minibatches of 64:
+
+    I = mean_i [ log q(z_i | x_i) - log q(z_i) ],   z_i ~ q(z | x_i),
+    log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log B   over the B sentences of the minibatch,
+
+with z all latent groups together: log q(z_i | x_j) scores sentence i's sample of every group under
+sentence j's posterior, each group conditioned on z_i's own parents (the ladder's fixed-latent
+pass). The estimate is at most log B (4.16 nats for B = 64).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from shared.distributions import HashedNoise
+from shared.errors import UserError
+from shared.evaluate import evaluate
+from shared.run_dir import latest_checkpoint, load_weights, read_run_config
+
+from .data import TextDataConfig, TextDataset, prepare_text_data
+from .model import TextModelConfig, build_text_model, num_params
+from .tokenizer import Tokenizer
+
+MI_BATCH = 64
+
+
+def load_text_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(run config, model with the EMA weights in eval mode, tokenizer) of a text run directory."""
+    run_dir = Path(run_dir)
+    run = read_run_config(run_dir, "text")
+    from shared.config import from_dict
+
+    cfg = from_dict(TextModelConfig, run.model, f"{run_dir / 'config.json'} model").validate()
+    model = load_weights(run_dir, build_text_model(cfg)).to(device).eval()
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise UserError(f"{run_dir / 'tokenizer.model'} has {tokenizer.vocab_size} pieces but the model "
+                        f"{cfg.vocab_size}; the run directory's tokenizer was replaced, restore it")
+    return run, model, tokenizer
+
+
+def load_text_split(run, run_dir: str | Path, split: str, cache_dir: str | Path | None = None):
+    """The run's own data (saved data config and tokenizer; the token cache makes this cheap)."""
+    from shared.config import from_dict
+
+    data_cfg = from_dict(TextDataConfig, run.data, "config.json data")
+    cache_dir = cache_dir or run.extra.get("cache_dir")
+    return prepare_text_data(data_cfg, run_dir, cache_dir=cache_dir).split(split)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _rows(batch: dict, index: torch.Tensor) -> dict:
+    return {k: v[index] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mutual_information(model, dataset, *, seed: int = 0, batch_size: int = MI_BATCH, max_examples: int | None = None,
+                       max_batches: int | None = None, rows_per_pass: int = 2048, device=None,
+                       progress: bool = True) -> float:
+    """He et al. (2019)'s estimate of I(x; z) in nats, over all latent groups (see the module doc)."""
+    device = device or next(model.parameters()).device
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    total, count = 0.0, 0
+    for b, batch in enumerate(tqdm(loader, desc="mutual information", leave=False, disable=not progress)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = _to(batch, device)
+        B = batch["index"].shape[0]
+        if B < 2:
+            continue  # one sentence says nothing about the aggregate posterior
+        latents, log_q_self = model.posterior_sample(batch, HashedNoise(seed, batch["index"]))
+        log_qz = []
+        per_pass = max(1, rows_per_pass // B)
+        for start in range(0, B, per_pass):
+            i = torch.arange(start, min(B, start + per_pass), device=device)
+            pairs_i = i.repeat_interleave(B)  # rows (i, j), j fastest
+            pairs_j = torch.arange(B, device=device).repeat(len(i))
+            cross = model.posterior_log_density(_rows(batch, pairs_j), [z[pairs_i] for z in latents])
+            log_qz.append(torch.logsumexp(cross.view(len(i), B).double(), dim=1) - math.log(B))
+        total += float((log_q_self.double() - torch.cat(log_qz)).sum())
+        count += B
+    return total / max(count, 1)
+
+
+def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,
+                max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int = 100,
+                device=None) -> dict:
+    """The report JSON of CONTRACTS.md (without the run's identity fields)."""
+    has_latents = model.num_groups > 0
+    # The LSTM LM's likelihood is exact: no importance samples to draw.
+    res = evaluate(model, dataset, batch_size=batch_size, seed=seed, iw_samples=iw_samples if has_latents else 0,
+                   iw_chunk=iw_chunk, max_examples=max_examples, active_units=has_latents, device=device,
+                   desc="evaluate")
+    if res.num_examples == 0:
+        raise UserError("the split has no sentence to evaluate")
+    tokens = res.num_dims
+    nll_elbo = -res.elbo
+    nll_iw = -res.iw if res.iw is not None else nll_elbo
+    N = res.num_examples
+    report = {
+        "num_params": num_params(model),
+        "iw_samples": iw_samples if has_latents else None,
+        "nll": nll_iw,
+        "nll_iw": nll_iw,
+        "nll_elbo": nll_elbo,
+        "kl": res.kl if has_latents else None,
+        "ppl": math.exp(nll_iw * N / tokens),
+        "ppl_elbo": math.exp(nll_elbo * N / tokens),
+        "kl_per_group": None,
+        "active_units": None,
+        "mutual_info": None,
+        "num_sentences": N,
+        "num_tokens": int(tokens),
+        "likelihood_exact": not has_latents,
+    }
+    if has_latents:
+        report["kl_per_group"] = [{"level": g["level"], "kind": g["kind"], "kl": kl}
+                                  for g, kl in zip(model.group_info, res.kl_per_group)]
+        report["active_units"] = res.active_units
+        report["mutual_info"] = mutual_information(model, dataset, seed=seed, max_examples=max_examples,
+                                                   max_batches=mi_batches, device=device)
+    return report
+
+
+def run_step(run_dir: str | Path) -> int | None:
+    latest = latest_checkpoint(Path(run_dir))
+    return latest[0] if latest else None
+
+
+def plot_kl_per_group(report: dict, path: str | Path, title: str = "") -> None:
+    """Bar plot of KL per latent group (the paper's Figure 5), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = report["kl_per_group"]
+    labels = [f"{g['kind']}{g['level']}" if g["kind"] != "top" else f"z{g['level']}" for g in groups]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(groups) + 2), 3.2))
+    ax.bar(range(len(groups)), [g["kl"] for g in groups], color="tab:blue")
+    ax.set_xticks(range(len(groups)), labels, rotation=45 if len(groups) > 6 else 0)
+    ax.set_ylabel("KL (nats per sentence)")
+    ax.set_xlabel("latent group (top to bottom)")
+    ax.set_title(title or "KL per latent group")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table_row(report: dict) -> str:
+    """The paper's Table 7 columns: model, params, -log p(x) (L_1), KL, PPL."""
+    kl = "–" if report["kl"] is None else f"{report['kl']:.2f}"
+    bound = "" if report.get("likelihood_exact") else "≤ "
+    return (f"| {report.get('model', '?')} | {report['num_params'] / 1e6:.2f}M | {bound}{report['nll_elbo']:.2f} | "
+            f"{kl} | {report['ppl_elbo']:.2f} |")
