@@ -73,7 +73,11 @@ def run_data_config(run: RunConfig, data_dir: str | Path | None = None):
         raise UserError("the run's config.json records no data; pass --data-dir with the images to use")
     cfg = from_dict(ImageDataConfig, run.data, "config.json data")
     if data_dir is not None:
-        cfg = replace(cfg, "data config", data_dir=str(data_dir))
+        return replace(cfg, "data config", data_dir=str(data_dir))
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        hint = " (a path relative to where training ran)" if not Path(cfg.data_dir).is_absolute() else ""
+        raise UserError(f"the run's recorded image folder {cfg.data_dir}{hint} is not found from here; "
+                        f"pass --data-dir with the images the run was trained on")
     return cfg
 
 

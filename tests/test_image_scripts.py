@@ -269,3 +269,46 @@ def test_offline_ood_hub_set_names_ood_data_dir(world, monkeypatch):
     message = str(err.value)
     assert "could not fetch ufldl-stanford/svhn" in message and "--ood-data-dir" in message
     assert "\n" not in message
+
+
+def test_a_recorded_relative_data_folder_that_moved_asks_for_data_dir(world, tmp_path):
+    moved = tmp_path / "moved-run"
+    shutil.copytree(world["run"], moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["data_dir"] = "data"  # as saved by a run started with a relative --data-dir elsewhere
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="recorded image folder data .*pass --data-dir"):
+        reconstruct_image.main(["--run", str(moved), "--split", "test"])
+    out = reconstruct_image.main(["--run", str(moved), "--split", "test", "--data-dir", str(world["data"]),
+                                  "--num", "2", "--out", str(tmp_path / "r.png")])
+    assert out.is_file()
+
+
+# --------------------------------------------------------------------------------------- benchmarks
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_prints_one_json_line(capsys):
+    result = _benchmark("image_throughput").main(["--preset", "tiny", "--device", "cpu", "--batch-size", "8",
+                                                  "--steps", "2", "--warmup", "1", "--iw-samples", "6",
+                                                  "--iw-chunk", "4", "--eval-batch-size", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))
+    assert result["train_images_per_s"] > 0 and result["eval_images_per_s"] > 0 and result["eval_bound_finite"]
+    assert result["peak_rss_gib"] > 0 and result["num_params"] == 45698 and result["device"] == "cpu"
+
+
+def test_histogram_baseline_of_the_quality_benchmark():
+    hist = _benchmark("image_quality").histogram_bits_per_dim
+    train = np.zeros((6, 1, 2, 2), np.uint8)
+    train[:3] = 7
+    # Every position saw 3 x 0 and 3 x 7 among 6 images: p(0) = (3 + 1) / (6 + 256) with add-one smoothing.
+    expected_seen = -math.log2(4 / 262)
+    assert hist(train, np.zeros((2, 1, 2, 2), np.uint8)) == pytest.approx(expected_seen)
+    assert hist(train, np.full((1, 1, 2, 2), 200, np.uint8)) == pytest.approx(-math.log2(1 / 262))
