@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Training and evaluation speed of an image preset on this machine, on random uint8 images.
+
+    python benchmarks/image_throughput.py --preset cifar10 --batch-size 48 --mixed-precision bf16
+    python benchmarks/image_throughput.py --preset tiny --device cpu --steps 5 --iw-samples 20
+
+Training: the engine's loss (-log p(x|z) + free-bits KL), Adamax step, for --steps timed steps after
+--warmup untimed ones; images/s = batch x steps / seconds. Evaluation: the importance-weighted bound
+L_K with K = --iw-samples on --eval-batch-size images (samples in chunks of --iw-chunk), images/s.
+Peak memory: torch.cuda.max_memory_allocated on a GPU, the process's peak resident set size
+(getrusage) on the CPU. The last line of output is one JSON object with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=IMAGE_PRESETS, default="cifar10", help="image preset (default cifar10)")
+    p.add_argument("--model", choices=IMAGE_MODELS, default="biva", help="biva, lvae+ or lvae (default biva)")
+    p.add_argument("--levels", type=int, help="ladder depth L (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=48, help="training batch (default 48, the paper's)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast precision of training and evaluation (default no)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (timed steps exclude compiling)")
+    p.add_argument("--iw-samples", type=int, default=1000, help="K of the timed L_K evaluation (default 1000; 0 skips)")
+    p.add_argument("--iw-chunk", type=int, default=100, help="importance samples per forward pass (default 100)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="images of the L_K evaluation (default 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "steps", "iw_chunk", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.iw_samples < 0:
+        p.error("--warmup and --iw-samples must be >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import contextlib
+
+    import torch
+
+    from biva_image.model import ImageVAE
+    from biva_image.presets import get_preset
+    from shared.bounds import iw_bound
+    from shared.distributions import TrainNoise
+    from shared.free_bits import free_bits_kl
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    kw = {"levels": args.levels} if args.levels and args.preset != "tiny" else {}
+    preset = get_preset(args.preset, args.model, **kw)
+    model = ImageVAE(preset.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    forward = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.Adamax(model.parameters(), lr=preset.train.lr)
+    lam = float(preset.train.free_bits or 0.0)  # lambda per group, as at the start of training
+    C, H, W = preset.model.image_shape
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    # A few fixed random batches, moved once: the timing is the model's, not the data loader's.
+    batches = [torch.randint(0, 256, (args.batch_size, C, H, W), dtype=torch.uint8, generator=gen).to(device)
+               for _ in range(4)]
+    noise = TrainNoise()
+    model.train()
+
+    def train_step(i: int) -> float:
+        x = batches[i % len(batches)]
+        batch = {"index": torch.arange(args.batch_size, device=device), "x": x}
+        with autocast():
+            out = forward(batch, noise)
+            loss = -out.log_px.mean() + free_bits_kl(out.kl, lam)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        train_step(i)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = train_step(i)
+    sync()
+    train_s = time.perf_counter() - t0
+    final_loss = float(loss.detach())
+    train_peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    result = {
+        "benchmark": "image_throughput", "preset": args.preset, "model": args.model,
+        "levels": preset.model.ladder.levels, "num_params": n_params, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision, "compile": args.compile,
+        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+        "train_s": round(train_s, 4), "train_images_per_s": args.batch_size * args.steps / train_s,
+        "train_step_ms": 1000 * train_s / args.steps, "final_loss": final_loss,
+        "train_peak_memory_gib": train_peak / 2**30 if cuda else None,
+    }
+    print(f"{args.preset} {args.model} ({n_params / 1e6:.2f}M parameters) on {result['device_name']}, "
+          f"{args.mixed_precision} precision: training {result['train_images_per_s']:.1f} images/s "
+          f"({result['train_step_ms']:.1f} ms per step of {args.batch_size})", file=sys.stderr)
+
+    if args.iw_samples:
+        model.eval()
+        x = batches[0][: args.eval_batch_size]
+        if len(x) < args.eval_batch_size:
+            x = torch.randint(0, 256, (args.eval_batch_size, C, H, W), dtype=torch.uint8, generator=gen).to(device)
+        batch = {"index": torch.arange(args.eval_batch_size, device=device), "x": x}
+        warm = {"index": batch["index"][:1], "x": x[:1]}
+        with torch.no_grad(), autocast():
+            iw_bound(model, warm, min(args.iw_chunk, args.iw_samples), chunk_size=args.iw_chunk)  # warm-up
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast():
+            bound = iw_bound(model, batch, args.iw_samples, seed=args.seed, chunk_size=args.iw_chunk)
+        sync()
+        eval_s = time.perf_counter() - t0
+        result.update({
+            "iw_samples": args.iw_samples, "iw_chunk": args.iw_chunk, "eval_batch_size": args.eval_batch_size,
+            "eval_s": round(eval_s, 4), "eval_images_per_s": args.eval_batch_size / eval_s,
+            "eval_forward_images_per_s": args.eval_batch_size * args.iw_samples / eval_s,
+            "eval_bound_finite": bool(torch.isfinite(bound).all()),
+            "eval_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        })
+        print(f"L_{args.iw_samples} evaluation: {result['eval_images_per_s']:.3f} images/s "
+              f"({result['eval_forward_images_per_s']:.1f} importance samples/s, chunks of {args.iw_chunk})",
+              file=sys.stderr)
+    # ru_maxrss is in KiB on Linux: the peak of the whole process (training and evaluation).
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
