@@ -13,8 +13,10 @@ from d_0: sampling draws each position independently, greedy and beam both give 
 argmax, which is that factorised distribution's exact mode. Decoding stops at EOS or after
 max_tokens + 1 tokens.
 
-Latents: prior samples draw z with the prior scales multiplied by ``latent_temperature``, keyed per
-sample index (sample i is the same whatever ``n``); reconstructions draw from the posterior
+Every draw (latents and tokens) comes from ``HashedNoise`` keyed by (seed, sentence index, step), so
+sample i is the same whatever ``n`` or the batching; tokens are drawn by inverse CDF from one
+uniform per sentence and step. Latents: prior samples draw z with the prior scales multiplied by
+``latent_temperature``; reconstructions draw from the posterior
 (``from_level`` k > 0: levels <= k from the conditional prior instead, as for images).
 Interpolation takes the posterior means of *all* latent groups of the two sentences (each group's
 mean with its parents at their means, the quantity active units are measured on), interpolates
@@ -33,6 +35,7 @@ from shared.errors import UserError
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 METHODS = ("sample", "greedy", "beam")
+TOKEN_KEY = 1 << 20  # noise keys of token draws (TOKEN_KEY + step), apart from the latent groups' keys
 
 
 @dataclass
@@ -68,20 +71,31 @@ def nucleus_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float 
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def draw_tokens(logits: torch.Tensor, opts: "DecodeOptions", noise, key: int) -> torch.Tensor:
+    """One token per row of logits (B, V): inverse CDF of the (temperature, top-p) softmax."""
+    probs = nucleus_logits(logits, opts.temperature, opts.top_p).softmax(-1)
+    cdf = probs.cumsum(-1)
+    u = noise.uniform((probs.shape[0], 1), key, probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
 def _never(logits: torch.Tensor, ids=(PAD_ID, BOS_ID)) -> torch.Tensor:
     logits[:, list(ids)] = float("-inf")
     return logits
 
 
 @torch.no_grad()
-def generate(model, cond: torch.Tensor | None, n: int, opts: DecodeOptions) -> torch.Tensor:
-    """Token ids (n, max_tokens + 1): pieces, EOS, PAD after it (or cut at the length limit)."""
+def generate(model, cond: torch.Tensor | None, ids: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """Token ids (n, max_tokens + 1) for the sentences ``ids`` (n,): pieces, EOS, PAD after it (or
+    cut at the length limit). ``cond`` (n, T, C) or None."""
     opts.validate()
     max_len = model.cfg.max_tokens + 1
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    ids = ids.to(device)
+    n = ids.shape[0]
+    noise = HashedNoise(opts.seed, ids)
     if not model.autoregressive:
-        return _generate_parallel(model, cond, opts, generator, max_len)
+        return _generate_parallel(model, cond, opts, noise, max_len)
     if opts.method == "beam" and opts.beam > 1:
         return _beam_search(model, cond, n, opts.beam, max_len, device)
     tokens = torch.full((n, max_len), PAD_ID, dtype=torch.long, device=device)
@@ -92,8 +106,7 @@ def generate(model, cond: torch.Tensor | None, n: int, opts: DecodeOptions) -> t
         logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
         logits = _never(logits)
         if opts.method == "sample":
-            probs = nucleus_logits(logits, opts.temperature, opts.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = draw_tokens(logits, opts, noise, TOKEN_KEY + t)
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
@@ -105,15 +118,14 @@ def generate(model, cond: torch.Tensor | None, n: int, opts: DecodeOptions) -> t
     return tokens
 
 
-def _generate_parallel(model, cond, opts, generator, max_len) -> torch.Tensor:
-    logits = model.token_logits(cond.transpose(1, 2))[:, :max_len]  # (B, W, V)
+def _generate_parallel(model, cond, opts, noise, max_len) -> torch.Tensor:
+    logits = model.token_logits(cond.transpose(1, 2))[:, :max_len].float()  # (B, W, V)
     B, W, V = logits.shape
-    flat = _never(logits.reshape(B * W, V).float(), (BOS_ID,))  # PAD after EOS is part of this model
     if opts.method == "sample":
-        probs = nucleus_logits(flat, opts.temperature, opts.top_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).view(B, W)
+        columns = [draw_tokens(_never(logits[:, t].clone(), (BOS_ID,)), opts, noise, TOKEN_KEY + t) for t in range(W)]
+        tokens = torch.stack(columns, dim=1)  # PAD after EOS is part of this model: not excluded
     else:
-        tokens = flat.argmax(-1).view(B, W)
+        tokens = _never(logits.reshape(B * W, V), (BOS_ID,)).argmax(-1).view(B, W)
     after_eos = (tokens == EOS_ID).long().cumsum(1) - (tokens == EOS_ID).long() > 0
     return tokens.masked_fill(after_eos, PAD_ID)
 
@@ -160,12 +172,13 @@ def _require_latents(model, what: str) -> None:
 
 
 @torch.no_grad()
-def sample_prior(model, n: int, opts: DecodeOptions, latent_temperature: float = 1.0) -> torch.Tensor:
-    """n sentences (token ids) from the prior: z ~ p(z) (scales times ``latent_temperature``), x ~ p(x | z)."""
+def sample_prior(model, n: int, opts: DecodeOptions, latent_temperature: float = 1.0, start: int = 0) -> torch.Tensor:
+    """Sentences start..start+n-1 (token ids) from the prior: z ~ p(z) (scales times
+    ``latent_temperature``), x ~ p(x | z)."""
     device = next(model.parameters()).device
-    noise = HashedNoise(opts.seed, torch.arange(n, device=device))
-    cond = model.condition_prior(n, noise, latent_temperature)
-    return generate(model, cond, n, opts)
+    ids = torch.arange(start, start + n, device=device)
+    cond = model.condition_prior(n, HashedNoise(opts.seed, ids), latent_temperature)
+    return generate(model, cond, ids, opts)
 
 
 @torch.no_grad()
@@ -178,7 +191,7 @@ def reconstruct(model, batch: dict, opts: DecodeOptions, from_level: int = 0) ->
                         f"got {from_level}")
     noise = HashedNoise(opts.seed, batch["index"])
     cond = model.condition_posterior(batch, noise, from_level)
-    return generate(model, cond, batch["index"].shape[0], opts)
+    return generate(model, cond, batch["index"], opts)
 
 
 @torch.no_grad()
@@ -194,7 +207,7 @@ def interpolate(model, batch: dict, steps: int, opts: DecodeOptions) -> torch.Te
     for m in means:  # (2, ...) per group
         a = alpha.view(-1, *([1] * (m.dim() - 1)))
         latents.append((1 - a) * m[0:1] + a * m[1:2])
-    return generate(model, model.condition_latents(latents), steps, opts)
+    return generate(model, model.condition_latents(latents), torch.arange(steps), opts)
 
 
 # ---------------------------------------------------------------------------------------------

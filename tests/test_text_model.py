@@ -20,6 +20,16 @@ from shared.free_bits import free_bits_kl
 V, MAX_TOKENS = 30, 12
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is fastest, and on a busy machine
+    spinning OpenMP threads make them orders of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(name: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = get_preset("tiny", name, vocab_size=V, max_tokens=MAX_TOKENS, **kw).model
@@ -182,3 +192,83 @@ def test_sentence_longer_than_the_model_is_refused():
     with pytest.raises(UserError, match="at most"):
         elbo(model, batch)
     assert math.isfinite(float(elbo(make_model("lstm-lm"), make_batch([5])).bound()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def test_nucleus_and_inverse_cdf_sampling():
+    from biva_text.decode import DecodeOptions, draw_tokens, nucleus_logits
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(nucleus_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(nucleus_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    n = 20000
+    noise = HashedNoise(0, torch.arange(n))
+    drawn = draw_tokens(logits.expand(n, 4), DecodeOptions(), noise, key=7)
+    freq = torch.bincount(drawn, minlength=4).float() / n
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    hot = draw_tokens(logits.expand(n, 4), DecodeOptions(temperature=0.5), noise, key=7)
+    sharp = probs[0] ** 2 / (probs[0] ** 2).sum()
+    torch.testing.assert_close(torch.bincount(hot, minlength=4).float() / n, sharp, atol=0.015, rtol=0)
+
+
+@torch.no_grad()
+def _sequence_log_prob(model, rows: list[list[int]]) -> torch.Tensor:
+    """Σ_t log p(token_t | tokens_<t) of each row, up to and including its EOS."""
+    scores = []
+    for row in rows:
+        state, prev, total = None, torch.tensor([BOS_ID]), 0.0
+        for tok in row:
+            logits, state = model.decode_step(prev, state, None)
+            total += float(torch.log_softmax(logits, -1)[0, tok])
+            if tok == EOS_ID:
+                break
+            prev = torch.tensor([tok])
+        scores.append(total)
+    return torch.tensor(scores)
+
+
+@pytest.mark.parametrize("seed", [0, 2])  # 0: greedy misses the mode; 2: the mode is the empty sentence
+def test_beam_search_is_exact_when_wide_enough_and_greedy_is_the_argmax_path(seed):
+    """On a 2-piece language model, a beam as wide as the hypothesis space finds the most likely
+    sentence found by enumerating all of them; greedy follows the argmax at each step."""
+    import itertools
+
+    from biva_text.decode import DecodeOptions, generate
+
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny", "lstm-lm", vocab_size=8, max_tokens=2).model
+    model = build_text_model(cfg).eval()
+    with torch.no_grad():
+        model.io.out_bias.copy_(2 * torch.randn(8))  # a peaked, uneven distribution
+    words = [1] + list(range(4, 8))  # UNK and the pieces: everything but PAD, BOS, EOS
+    candidates = [[EOS_ID]] + [[w, EOS_ID] for w in words] + [[a, b, EOS_ID] for a, b in itertools.product(words, words)]
+    candidates += [[a, b, c] for a, b, c in itertools.product(words, words, words)]  # cut at the limit
+    best = candidates[int(_sequence_log_prob(model, candidates).argmax())]
+    beam = generate(model, None, torch.arange(1), DecodeOptions(method="beam", beam=64))[0].tolist()
+    assert [t for t in beam if t != PAD_ID] == best
+    greedy = generate(model, None, torch.arange(1), DecodeOptions(method="greedy"))[0].tolist()
+    state, prev = None, torch.tensor([BOS_ID])
+    for t, tok in enumerate(greedy):
+        if tok == PAD_ID:
+            break
+        logits, state = model.decode_step(prev, state, None)
+        logits[:, [PAD_ID, BOS_ID]] = float("-inf")
+        assert tok == int(logits.argmax())
+        prev = torch.tensor([tok])
+
+
+def test_non_autoregressive_decoding_cuts_at_eos():
+    from biva_text.decode import DecodeOptions, sample_prior
+
+    model = make_model("biva")
+    for method in ("sample", "greedy"):
+        tokens = sample_prior(model, 6, DecodeOptions(method=method))
+        assert tokens.shape == (6, MAX_TOKENS + 1)
+        for row in tokens.tolist():
+            if EOS_ID in row:
+                assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
+            assert BOS_ID not in row

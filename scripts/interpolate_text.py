@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Interpolate between two sentences in a text run's latent space.
+
+    python scripts/interpolate_text.py --run RUN "the first sentence ." "and the second one ." --steps 8
+
+Both sentences are encoded to the posterior means of all latent groups (each group's mean given
+its parents at their means), every group is interpolated linearly in --steps points from the first
+sentence to the second, and each point is decoded through the top-down path and the decoder
+(greedy unless --sample or --beam is given). For the RNN-VAE that is its single latent. Sentences
+must be tokenised like the training text.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biva_text.cli import add_decoding_flags, decoding_method  # noqa: E402
+from shared.cli import ArgumentParser, positive_int  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py)")
+    p.add_argument("first", help="the sentence to start from")
+    p.add_argument("second", help="the sentence to end at")
+    p.add_argument("--steps", type=positive_int, default=8, help="sentences on the path, both ends included (default 8)")
+    add_decoding_flags(p, "greedy")
+    args = p.parse_args(argv)
+    if not args.run.is_dir():
+        p.error(f"--run {args.run} is not a directory; pass the --output-dir of a training run")
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the two ends)")
+    return args
+
+
+def main(argv=None) -> list[str]:
+    args = parse_args(argv)
+    import torch
+
+    from biva_text.decode import DecodeOptions, encode_sentences, interpolate, to_text
+    from biva_text.report import load_text_run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _, model, tokenizer = load_text_run(args.run, device)
+    opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
+                         beam=args.beam or 1, seed=args.seed).validate()
+    encoded = encode_sentences(tokenizer, [args.first, args.second], model.cfg.max_tokens)
+    if encoded.skipped:
+        sentence, why = encoded.skipped[0]
+        raise UserError(f"cannot encode {sentence!r}: {why}; use a sentence in the run's vocabulary")
+    batch = {k: v.to(device) for k, v in encoded.batch.items()}
+    sentences = to_text(tokenizer, interpolate(model, batch, args.steps, opts))
+    for i, sentence in enumerate(sentences):
+        print(f"{i / (args.steps - 1):.2f}  {sentence}")
+    return sentences
+
+
+if __name__ == "__main__":
+    run_cli(main)
