@@ -84,8 +84,9 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         # Short warm-up of the decay so early evaluations are not dominated by the initialisation.
         decay = min(self.decay, (1.0 + step) / (10.0 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), 1.0 - decay)
+        ema_params = list(self.model.parameters())
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused launch per tensor list
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

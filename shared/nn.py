@@ -31,15 +31,15 @@ class WNConv(nn.Module):
         v = torch.empty(shape)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))
         self.v = nn.Parameter(v)
-        # g = init_scale * ||v|| reproduces the default init's scale at the start.
-        self.g = nn.Parameter(init_scale * v.flatten(1).norm(dim=1))
+        # g = init_scale * ||v|| reproduces the default init's scale at the start; kept in the
+        # broadcast shape (c_out, 1, ...) so the weight is one fused op.
+        self.g = nn.Parameter(init_scale * v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1))))
         bound = 1.0 / math.sqrt(c_in * kernel**ndim)
         self.b = nn.Parameter(torch.empty(c_out).uniform_(-bound, bound) * init_scale)
 
     def weight(self) -> torch.Tensor:
-        norm = self.v.flatten(1).norm(dim=1).clamp_min(1e-12)
-        scale = (self.g / norm).view(-1, *([1] * (self.v.dim() - 1)))
-        return self.v * scale
+        # One fused kernel (what nn.utils.weight_norm uses): deep ladders are launch-bound on a GPU.
+        return torch._weight_norm(self.v, self.g, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()
