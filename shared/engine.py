@@ -178,6 +178,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        if acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
         world = acc.num_processes
         if world != int(os.environ.get("WORLD_SIZE", "1")):
             raise RuntimeError(f"{os.environ['WORLD_SIZE']} processes were started but only {world} joined: create "
