@@ -126,6 +126,23 @@ def token_log_prob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tens
     return torch.zeros(batch_size, device=logits.device, dtype=torch.float32).index_add_(0, rows, lp)
 
 
+def _unalias_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of every LSTM: on a GPU, cuDNN packs an LSTM's weights into one flat buffer
+    (flatten_parameters), so its state-dict tensors share storage, and safetensors-based savers
+    (Accelerate's save_state) keep one name per storage and silently drop the others. Views into a
+    larger storage are handed out as copies; loading still copies into the packed weights."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and torch.is_tensor(value) and not isinstance(value, nn.Parameter):
+            if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                state_dict[key] = value.clone()
+
+
+def make_lstm(input_size: int, hidden_size: int) -> nn.LSTM:
+    lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+    lstm.register_state_dict_post_hook(_unalias_state)
+    return lstm
+
+
 class LSTMDecoder(nn.Module):
     """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t.
 
@@ -135,7 +152,7 @@ class LSTMDecoder(nn.Module):
     def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int):
         super().__init__()
         self.cond_dim = cond_dim
-        self.lstm = nn.LSTM(embedding_dim + cond_dim, hidden_size, batch_first=True)
+        self.lstm = make_lstm(embedding_dim + cond_dim, hidden_size)
         self.proj = nn.Linear(hidden_size, embedding_dim)
 
     def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
@@ -202,7 +219,8 @@ class TextModelMixin:
         return tokens
 
     def _warm(self, out: ModelOutput) -> ModelOutput:
-        if out.log_q.shape[1] == 0 or not torch.is_grad_enabled() or float(self.kl_weight) >= 1.0:
+        # Decided on the config, not on the weight's value: no device sync, no recompilation.
+        if self.cfg.kl_schedule != "warmup" or out.log_q.shape[1] == 0 or not torch.is_grad_enabled():
             return out
         w = self.kl_weight
         out.log_q, out.log_p = scale_grad(out.log_q, w), scale_grad(out.log_p, w)
@@ -309,7 +327,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         super().__init__()
         self._init_text(cfg)
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
-        self.encoder = nn.LSTM(cfg.embedding_dim, cfg.hidden_size, batch_first=True)
+        self.encoder = make_lstm(cfg.embedding_dim, cfg.hidden_size)
         self.q_head = nn.Linear(cfg.hidden_size, 2 * cfg.latent_dim)
         nn.init.zeros_(self.q_head.bias)
         self.q_head.weight.data.mul_(0.1)  # start near the prior, as the ladder's heads do

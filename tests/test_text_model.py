@@ -272,3 +272,23 @@ def test_non_autoregressive_decoding_cuts_at_eos():
             if EOS_ID in row:
                 assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
             assert BOS_ID not in row
+
+
+def test_packed_lstm_weights_survive_a_safetensors_checkpoint():
+    """On a GPU cuDNN packs each LSTM's weights into one buffer; Accelerate's safetensors saving
+    drops every tensor that shares storage with another. Simulate the packing on the CPU."""
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    model = make_model("rnn-vae")
+    for lstm in (model.encoder, model.decoder.lstm):
+        params = list(lstm.parameters())
+        flat = torch.cat([p.detach().flatten() for p in params])
+        offset = 0
+        for p in params:
+            p.data = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    state = model.state_dict()
+    cleaned = clean_state_dict_for_safetensors(dict(state))
+    assert set(cleaned) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(cleaned[key], value)
