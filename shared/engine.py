@@ -351,7 +351,7 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGTERM)
         lam = self.free_bits.per_group
         A = len(micro_batches)
-        # (B, G) per micro-batch -> local sums: non-finite flag, stop flag, loss, elbo, kl per group
+        # Local sums: bad-update flag, stop flag, loss, elbo, kl per group (G)
         local = torch.zeros(4 + self.raw_model.num_groups, dtype=torch.float64, device=acc.device)
         for j, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -371,15 +371,16 @@ class Trainer:
                 local[4:] += out.kl.detach().double().mean(0) / A
         if fault("nan-grad", attempt):
             next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        # One collective: every process takes the same decision (skip, stop) and logs the figures of the
-        # whole global batch, not just its own share.
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")))
+        # VDVAE's guard: skip an update whose gradient norm is non-finite or above the threshold.
+        if not math.isfinite(grad_norm) or (cfg.skip_threshold is not None and grad_norm > cfg.skip_threshold):
+            local[0] += 1.0
         local[1] = 1.0 if self._stop_signal else 0.0
+        # One collective: every process takes the same decision (skip, stop), even where a fault is seen by
+        # one process only, and logs the figures of the whole global batch, not just its own share.
         world = acc.num_processes
         total = acc.reduce(local, reduction="sum") if world > 1 else local
-        grad_norm = float(grad_norm)  # the norm of the synchronised gradient: the same everywhere
-        ok = total[0].item() == 0 and math.isfinite(grad_norm) and (
-            cfg.skip_threshold is None or grad_norm <= cfg.skip_threshold)
+        ok = total[0].item() == 0
         if ok:
             self.optimizer.step()
             self.state.step += 1
