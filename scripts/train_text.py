@@ -58,7 +58,7 @@ def parse_args(argv=None):
                                                                "of --free-bits-budget) or warmup (default for rnn-vae)")
     m.add_argument("--kl-warmup-steps", type=nonneg_int, help="optimiser steps over which the KL weight rises "
                                                               "linearly from 0 to 1 (warmup; default: the preset's)")
-    add_training_flags(p, list(TEXT_PRESETS))
+    add_training_flags(p, list(TEXT_PRESETS), modality="text")
     args = p.parse_args(argv)
     for name in ("train_files", "valid_files", "test_files"):
         for path in getattr(args, name) or []:
@@ -117,15 +117,13 @@ def attach_kl_warmup(trainer, steps: int) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     # Heavy imports only after the flags are known to be good.
-    from accelerate import PartialState
-
     from biva_text.data import TextDataConfig, TextDataset, prepare_text_data
     from biva_text.decode import DecodeOptions, sample_prior, to_text
     from biva_text.model import TextModelConfig, build_text_model, num_params
     from biva_text.presets import get_preset
     from shared.cli import default_output_dir, training_overrides
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer
+    from shared.engine import Trainer, process_state
     from shared.run_dir import check_output_dir, read_run_config, write_run_config
     from shared.train import open_run
 
@@ -146,7 +144,7 @@ def main(argv=None) -> None:
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
 
-    state = PartialState()
+    state = process_state()  # not PartialState(): CPU processes under torchrun must join
     had_tokenizer = (out / "tokenizer.model").exists()
     try:
         with state.main_process_first():  # the main process trains the tokenizer and fills the cache
@@ -189,8 +187,7 @@ def main(argv=None) -> None:
         path.write_text("\n".join(to_text(tokenizer, tokens)) + "\n")
 
     trainer = Trainer(run, lambda: build_text_model(model_cfg), TextDataset(splits.train), TextDataset(splits.valid),
-                      out, resume=args.resume, on_evaluate=on_evaluate,
-                      resume_command=f"{sys.argv[0]} --output-dir {out}")
+                      out, resume=args.resume, on_evaluate=on_evaluate)
     if model_cfg.kl_schedule == "warmup":
         attach_kl_warmup(trainer, model_cfg.kl_warmup_steps)
     if state.is_main_process:
