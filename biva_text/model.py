@@ -143,6 +143,16 @@ def make_lstm(input_size: int, hidden_size: int) -> nn.LSTM:
     return lstm
 
 
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor, state=None):
+    """``lstm(x, state)``; on a CPU under bf16/fp16 autocast in fp32 (oneDNN has no reduced-precision
+    LSTM on most CPUs; cuDNN has one)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            state = None if state is None else tuple(s.float() for s in state)
+            return lstm(x.float(), state)
+    return lstm(x, state)
+
+
 class LSTMDecoder(nn.Module):
     """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t.
 
@@ -163,7 +173,7 @@ class LSTMDecoder(nn.Module):
         x = io.embed(prev)  # (B, n, E)
         if cond is not None:
             x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
-        h, _ = self.lstm(x)  # (B, n, H)
+        h, _ = run_lstm(self.lstm, x)  # (B, n, H)
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
         logits = io.logits(self.proj(h[mask]))  # only the scored positions: (N, V)
@@ -174,7 +184,7 @@ class LSTMDecoder(nn.Module):
         x = io.embed(prev[:, None])
         if cond_t is not None:
             x = torch.cat([x, cond_t[:, None].to(x.dtype)], dim=2)
-        h, state = self.lstm(x, state)
+        h, state = run_lstm(self.lstm, x, state)
         return io.logits(self.proj(h[:, 0])).float(), state
 
 
@@ -337,7 +347,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         tokens = self.padded_tokens(batch)
         lengths = batch["length"].long()
         n = int(lengths.max())
-        h, _ = self.encoder(self.io.embed(tokens[:, :n]))  # causal: the state after EOS ignores padding
+        h, _ = run_lstm(self.encoder, self.io.embed(tokens[:, :n]))  # causal: the state after EOS ignores padding
         last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, H)
         return Gaussian.from_params(self.q_head(last))
 

@@ -292,3 +292,14 @@ def test_packed_lstm_weights_survive_a_safetensors_checkpoint():
     assert set(cleaned) == set(state)
     for key, value in state.items():
         torch.testing.assert_close(cleaned[key], value)
+
+
+@pytest.mark.parametrize("name", ["biva-lstm", "rnn-vae"])
+def test_bf16_autocast_on_cpu_runs_the_lstm_in_fp32(name):
+    model = make_model(name)
+    batch = make_batch([5, 13, 3], seed=7)
+    full = elbo(model, batch).bound()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = elbo(model, batch).bound()
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.5)
