@@ -54,8 +54,10 @@ def read_run_config(run_dir: str | Path, modality: str | None = None) -> RunConf
     data = read_json(run_dir / CONFIG, "run config")
     run = RunConfig.from_json(data, str(run_dir / CONFIG))
     if modality is not None and run.modality != modality:
-        article = "an" if modality[0] in "aeiou" else "a"
-        raise UserError(f"{run_dir} is a {run.modality} run, not {article} {modality} run; "
+        def a(word: str) -> str:
+            return f"{'an' if word[:1] in tuple('aeiou') else 'a'} {word}"
+
+        raise UserError(f"{run_dir} is {a(run.modality)} run, not {a(modality)} run; "
                         f"use the {run.modality} scripts (e.g. scripts/report_{run.modality}.py)")
     return run
 
