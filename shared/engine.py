@@ -43,9 +43,14 @@ def use_cpu() -> bool:
     so when a launcher (torchrun, accelerate launch) started several processes on a machine without GPU."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return several and not gpu
+    return launched_processes() > 1 and not gpu
+
+
+def launched_processes() -> int:
+    """How many processes the launcher says it started (torchrun, accelerate launch, mpirun)."""
+    names = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    return max(int(os.environ.get(name, "1")) for name in names)
 
 
 def process_state():
@@ -61,7 +66,7 @@ def default_resume_command() -> str:
     args = list(sys.argv)
     if "--resume" not in args:
         args.append("--resume")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by accelerate launch
         launcher = "accelerate launch"
     elif world > 1:
@@ -181,9 +186,9 @@ class Trainer:
         if acc.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
         world = acc.num_processes
-        if world != int(os.environ.get("WORLD_SIZE", "1")):
-            raise RuntimeError(f"{os.environ['WORLD_SIZE']} processes were started but only {world} joined: create "
-                               f"the process state with shared.engine.process_state(), not PartialState()")
+        if world < launched_processes():
+            raise RuntimeError(f"{launched_processes()} processes were started but only {world} joined: create the "
+                               f"process state with shared.engine.process_state(), not PartialState()")
         self.faults = Faults(acc.process_index)
         if cfg.batch_size % (world * cfg.grad_accum):
             raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} process(es) x "

@@ -234,3 +234,19 @@ def test_too_many_skips_stop_and_keep_the_last_checkpoint(tmp_path):
     assert resumed.resumed_from == 3
     assert snapshot(out / "checkpoints") == kept  # loading changed nothing
     assert resumed.fit()["step"] == 6
+
+
+def test_retention_keeps_the_last_n_and_exports_the_latest(tmp_path):
+    out = tmp_path / "run"
+    trainer = make_trainer(out, max_steps=5, save_every=1, keep_checkpoints=2)
+    seen, save = [], trainer.save_checkpoint
+
+    def save_and_look():
+        path = save()
+        seen.append((checkpoint_steps(out), exported_is_latest(out)))
+        return path
+
+    trainer.save_checkpoint = save_and_look
+    trainer.fit()
+    assert seen == [([1], True), ([1, 2], True), ([2, 3], True), ([3, 4], True), ([4, 5], True)]
+    assert not list((out / "checkpoints").glob(".tmp_*"))
