@@ -42,7 +42,7 @@ from shared.model import LadderModel, LatentVariableModel, ModelOutput
 from shared.nn import WNConv
 
 from .names import KL_SCHEDULES, LADDER_MODELS, TEXT_MODELS
-from .tokenizer import BOS_ID, PAD_ID
+from .tokenizer import BOS_ID, PAD_ID, UNK_ID
 
 RNN_VAE_KEY = 0  # noise key of the RNN-VAE's latent (its only group)
 
@@ -57,6 +57,7 @@ class TextModelConfig:
     latent_dim: int = 32  # the RNN-VAE's latent
     kl_schedule: str | None = "free-bits"  # free-bits | warmup | None (lstm-lm)
     kl_warmup_steps: int = 0  # optimiser steps of the linear KL warm-up (kl_schedule "warmup")
+    word_dropout: float = 0.0  # training only: decoder inputs replaced by UNK (Bowman et al. 2015); 0 = the paper
     ladder: LadderConfig | None = field(default_factory=LadderConfig)  # None for the baselines
 
     @property
@@ -73,6 +74,8 @@ class TextModelConfig:
             raise UserError(f"unknown text model {self.model!r}; choose one of {', '.join(TEXT_MODELS)}")
         if self.kl_schedule is not None and self.kl_schedule not in KL_SCHEDULES:
             raise UserError(f"unknown KL schedule {self.kl_schedule!r}; choose one of {', '.join(KL_SCHEDULES)}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise UserError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
         if self.vocab_size < 5:
             raise UserError(f"vocab_size must be at least 5 (4 specials and a word), got {self.vocab_size}")
         if self.is_ladder:
@@ -159,9 +162,10 @@ class LSTMDecoder(nn.Module):
     The token embedding and output layer (``io``) belong to the model and are passed in, so the
     tied matrix is stored once."""
 
-    def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int):
+    def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int, word_dropout: float = 0.0):
         super().__init__()
         self.cond_dim = cond_dim
+        self.word_dropout = word_dropout
         self.lstm = make_lstm(embedding_dim + cond_dim, hidden_size)
         self.proj = nn.Linear(hidden_size, embedding_dim)
 
@@ -170,6 +174,9 @@ class LSTMDecoder(nn.Module):
         """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
         n = int(lengths.max())  # the LSTM is causal: positions past the longest sentence never count
         prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, : n - 1]], dim=1)
+        if self.training and self.word_dropout > 0:  # weakens the decoder so that it reads z
+            drop = torch.rand(prev.shape, device=prev.device) < self.word_dropout
+            prev = torch.where(drop & (prev != BOS_ID), torch.full_like(prev, UNK_ID), prev)
         x = io.embed(prev)  # (B, n, E)
         if cond is not None:
             x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
@@ -249,7 +256,7 @@ class TextLadderModel(TextModelMixin, LadderModel):
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
         C = cfg.ladder.output_channels
         if self.autoregressive:
-            self.decoder = LSTMDecoder(cfg.embedding_dim, C, cfg.hidden_size)
+            self.decoder = LSTMDecoder(cfg.embedding_dim, C, cfg.hidden_size, cfg.word_dropout)
         else:
             self.head = WNConv(1, C, cfg.embedding_dim, kernel=1)  # d_0 → tied output layer, per position
 
@@ -309,7 +316,7 @@ class LSTMLanguageModel(TextModelMixin, LatentVariableModel):
         super().__init__()
         self._init_text(cfg)
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
-        self.decoder = LSTMDecoder(cfg.embedding_dim, 0, cfg.hidden_size)
+        self.decoder = LSTMDecoder(cfg.embedding_dim, 0, cfg.hidden_size, cfg.word_dropout)
 
     def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
         tokens = self.padded_tokens(batch)
@@ -341,7 +348,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         self.q_head = nn.Linear(cfg.hidden_size, 2 * cfg.latent_dim)
         nn.init.zeros_(self.q_head.bias)
         self.q_head.weight.data.mul_(0.1)  # start near the prior, as the ladder's heads do
-        self.decoder = LSTMDecoder(cfg.embedding_dim, cfg.latent_dim, cfg.hidden_size)
+        self.decoder = LSTMDecoder(cfg.embedding_dim, cfg.latent_dim, cfg.hidden_size, cfg.word_dropout)
 
     def posterior(self, batch: dict) -> Gaussian:
         tokens = self.padded_tokens(batch)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_text.names import KL_SCHEDULES, TEXT_MODELS, TEXT_PRESETS, TOKENIZERS  # noqa: E402
-from shared.cli import ArgumentParser, add_training_flags, nonneg_int, positive_int  # noqa: E402
+from shared.cli import ArgumentParser, add_training_flags, fraction, nonneg_int, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
 SAMPLES_PER_EVAL = 20
@@ -56,6 +56,9 @@ def parse_args(argv=None):
                                                         "lstm-lm or rnn-vae (baselines)")
     m.add_argument("--kl-schedule", choices=KL_SCHEDULES, help="free-bits (default for BIVA: the plateau schedule "
                                                                "of --free-bits-budget) or warmup (default for rnn-vae)")
+    m.add_argument("--word-dropout", type=fraction, help="training only: replace each decoder input token by UNK "
+                                                         "with this probability (Bowman et al. 2015; default 0, "
+                                                         "as in the paper)")
     m.add_argument("--kl-warmup-steps", type=nonneg_int, help="optimiser steps over which the KL weight rises "
                                                               "linearly from 0 to 1 (warmup; default: the preset's)")
     add_training_flags(p, list(TEXT_PRESETS), modality="text")
@@ -68,6 +71,10 @@ def parse_args(argv=None):
         p.error("--dataset and --train-files both name the training text; pass one of them")
     if args.model == "lstm-lm" and (args.kl_schedule or args.kl_warmup_steps is not None):
         p.error("lstm-lm has no latent variables; drop --kl-schedule / --kl-warmup-steps")
+    if args.word_dropout is not None and args.word_dropout >= 1:
+        p.error("--word-dropout must be below 1 (1 would hide every input word)")
+    if args.model == "biva" and args.word_dropout:
+        p.error("biva (no autoregression) has no decoder inputs to drop; drop --word-dropout")
     if args.kl_warmup_steps is not None and args.kl_schedule == "free-bits":
         p.error("--kl-warmup-steps needs --kl-schedule warmup")
     if args.vocab_size is not None and not 5 <= args.vocab_size <= 65536:
@@ -140,6 +147,7 @@ def main(argv=None) -> None:
         data_cfg = data_config(args)
     model_name = args.model or "biva-lstm"
     flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
+             "word_dropout": args.word_dropout,
              "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
@@ -161,7 +169,10 @@ def main(argv=None) -> None:
                             kl_schedule=args.kl_schedule, kl_warmup_steps=args.kl_warmup_steps)
         train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
         m = preset.model
+        if args.word_dropout is not None:
+            m.word_dropout = args.word_dropout
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
+                     "word_dropout": m.word_dropout,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
                      "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
                      "train_files": data_cfg.train_files or None}

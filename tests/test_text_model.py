@@ -303,3 +303,21 @@ def test_bf16_autocast_on_cpu_runs_the_lstm_in_fp32(name):
         half = elbo(model, batch).bound()
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     torch.testing.assert_close(half, full, rtol=0.05, atol=0.5)
+
+
+def test_word_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", "rnn-vae", vocab_size=V, max_tokens=MAX_TOKENS).model
+    cfg.word_dropout = 0.5
+    model = build_text_model(cfg)
+    batch = make_batch([6, 13, 9], seed=8)
+    model.eval()
+    evaluated = elbo(model, batch).bound()
+    assert torch.equal(evaluated, elbo(model, batch).bound())
+    model.train()
+    with torch.no_grad():
+        trained = model(batch, HashedNoise(0, batch["index"])).bound()
+    assert not torch.allclose(trained, evaluated)  # some inputs were replaced by UNK
+    cfg.word_dropout = 1.0
+    with pytest.raises(Exception, match="word_dropout"):
+        cfg.validate()
