@@ -46,9 +46,9 @@ def iw_bound(model: LatentVariableModel, batch: dict, num_samples: int, seed: in
         rep = repeat_batch(batch, n)
         sample_ids = torch.arange(start, start + n, device=batch["index"].device).repeat(B)
         out = model(rep, HashedNoise(seed, rep["index"], sample_ids), k=k)
-        log_w = torch.logsumexp(out.bound().view(B, n), dim=1)
+        log_w = torch.logsumexp(out.bound().double().view(B, n), dim=1)  # fp64 running sum: no drift with K
         running = log_w if running is None else torch.logaddexp(running, log_w)
-    return running - math.log(num_samples)
+    return (running - math.log(num_samples)).float()
 
 
 class ActiveUnits:

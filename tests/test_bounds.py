@@ -63,9 +63,12 @@ def test_iw_bound_rises_with_k(tiny_models):
     assert means[100] - means[1] > 5.0  # a random model has a real gap to close
 
 
-def test_chunked_iw_bound_equals_unchunked(tiny_models):
-    model = tiny_models["lvae+"]
-    b = batch_of(stripes(5, seed=4))
+def test_chunked_iw_bound_equals_unchunked():
+    # 4x4 images keep the bound near 10 nats, where float32 resolves 1e-5 (convolutions of other
+    # batch sizes may round differently in the last bit).
+    torch.manual_seed(0)
+    model = widen_latent_heads(ImageVAE(tiny_image_config("lvae+", size=4))).eval()
+    b = batch_of(stripes(5, seed=4, size=4))
     whole = iw_bound(model, b, 60, seed=1, chunk_size=60)
     for chunk in (1, 7, 25):
         assert torch.allclose(iw_bound(model, b, 60, seed=1, chunk_size=chunk), whole, atol=1e-5, rtol=0)
