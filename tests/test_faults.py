@@ -126,26 +126,26 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL and resumed_from(stderr) == 20
     latest = checkpoint_steps(out)[-1]
-    assert latest in (24, 28)
+    assert 24 <= latest < 33  # 24 or 28, unless the kill came late
 
-    # 6. A scheduler's SIGTERM as step 30 starts: checkpoint at 30, exit 143, the command to resume.
-    p = run("--resume", "--max-steps", 35, faults="sigterm@30")
+    # 6. A scheduler's SIGTERM as step 33 starts: checkpoint at 33, exit 143, the command to resume.
+    p = run("--resume", "--max-steps", 35, faults="sigterm@33")
     assert p.returncode == 143 and resumed_from(p.stderr) == latest
     said = [line for line in p.stderr.splitlines() if line.startswith("received SIGTERM")]
-    assert len(said) == 1 and f"checkpoint {out / 'checkpoints' / 'step_30'} at step 30" in said[0]
-    assert checkpoint_steps(out) == [28, 30] and exported_is_latest(out)
+    assert len(said) == 1 and f"checkpoint {out / 'checkpoints' / 'step_33'} at step 33" in said[0]
+    assert checkpoint_steps(out) == [32, 33] and exported_is_latest(out)
 
     # 7. The printed command finishes the run.
     command = shlex.split(said[0].split("resume with: ", 1)[1])
     assert command[0] == "python" and command.count("--resume") == 1 and str(data) in command
     p = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=ROOT, env=script_env())
-    assert p.returncode == 0 and resumed_from(p.stderr) == 30, p.stderr[-2000:]
+    assert p.returncode == 0 and resumed_from(p.stderr) == 33, p.stderr[-2000:]
 
     stdout, stderr = reference.communicate(timeout=300)
     assert reference.returncode == 0, stderr[-2000:]
     # Same records in the same order (the timing figures aside), weights, EMA, optimiser-free state.
     assert_close(without_timing(metrics(out)), without_timing(metrics(ref)))
-    assert checkpoint_steps(out) == checkpoint_steps(ref) == [32, 35]
+    assert checkpoint_steps(out) == [33, 35] and checkpoint_steps(ref) == [32, 35]
     assert_same_tensors(out / "model.safetensors", ref / "model.safetensors")
     for name in ("model.safetensors", "ema.safetensors"):
         assert_same_tensors(out / "checkpoints" / "step_35" / name, ref / "checkpoints" / "step_35" / name)
