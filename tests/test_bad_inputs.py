@@ -4,11 +4,10 @@ the problem (and the fix), no traceback, and every existing file byte-for-byte u
 The scripts run as subprocesses, as users see them. Flag and run-directory errors fail before torch
 is imported (a fraction of a second each); only the data errors (marked slow below) load torch.
 """
-import json
+import re
 import shutil
 
 import pytest
-import torch
 from core_utils import ArrayDataset, build, stripes, tiny_image_config, tiny_run
 from script_utils import image_folder, run_script, script_env, snapshot, text_files
 from PIL import Image
@@ -23,12 +22,7 @@ def _train_in_process(out, variant):
     run = tiny_run(cfg, max_steps=2, eval_every=2, save_every=2, log_every=2)
     out.mkdir(parents=True)
     write_run_config(out, run)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(run, build(cfg), ArrayDataset(stripes(32)), ArrayDataset(stripes(5, seed=1)), out).fit()
-    finally:
-        torch.set_num_threads(threads)
+    Trainer(run, build(cfg), ArrayDataset(stripes(32)), ArrayDataset(stripes(5, seed=1)), out).fit()
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +175,6 @@ def _case_id(case):
 
 @pytest.mark.parametrize("name,args,names", CASES, ids=[_case_id(c) for c in CASES])
 def test_bad_input_is_one_clear_line(world, name, args, names):
-    import re
-
     w, files = world
     args = args(w, files)
     before = snapshot(w)
@@ -244,8 +236,6 @@ def _out_of_range(kind):
 def test_every_numeric_flag_refuses_bad_values(script, capsys):
     """A word where a number belongs, and (for the shared number types) a number out of range, for every
     numeric flag: status 2 and one line naming the flag."""
-    import re
-
     parser = _parser_of(script)
     flags = [(a.option_strings[-1], a.type) for a in parser._actions
              if a.option_strings and (a.type in (int, float) or _out_of_range(a.type) is not None

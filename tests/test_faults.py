@@ -25,15 +25,6 @@ from shared.engine import Trainer
 from shared.errors import UserError
 from shared.run_dir import check_output_dir, latest_checkpoint, write_run_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, and subprocesses already share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # ---------------------------------------------------------------------------------------------- kills
 
 

@@ -15,15 +15,6 @@ from script_utils import (ROOT, TORCHRUN, image_folder, metrics, run_script, scr
 from shared.evaluate import evaluate
 from shared.run_dir import read_run_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, and subprocesses already share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")
 
 
