@@ -4,7 +4,7 @@ A preset is a model config plus the training defaults that go with it; CLI flags
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.config import TrainConfig
 from shared.errors import UserError

@@ -25,7 +25,7 @@ from shared.errors import UserError
 from shared.evaluate import evaluate
 from shared.run_dir import latest_checkpoint, load_weights, read_run_config
 
-from .data import TextDataConfig, TextDataset, prepare_text_data
+from .data import TextDataConfig, prepare_text_data
 from .model import TextModelConfig, build_text_model, num_params
 from .tokenizer import Tokenizer
 

@@ -13,7 +13,6 @@ The data are the run's own (saved data config and tokenizer; the token cache mak
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

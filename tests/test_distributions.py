@@ -1,5 +1,4 @@
 """Every probability is a normalised one; evaluation noise is reproducible."""
-import math
 
 import pytest
 import torch

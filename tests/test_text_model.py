@@ -20,15 +20,6 @@ from shared.free_bits import free_bits_kl
 V, MAX_TOKENS = 30, 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is fastest, and on a busy machine
-    spinning OpenMP threads make them orders of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(name: str, seed: int = 0, **kw):
     torch.manual_seed(seed)

@@ -16,22 +16,13 @@ import pytest
 import torch
 
 from shared.config import RunConfig, TrainConfig, write_json_atomic
-from shared.errors import UserError, run_cli
+from shared.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ADJ = "big small red blue old young happy sad".split()
 NOUN = "cat dog bird man woman child house tree car boat".split()
 VERB = "sees likes finds wants takes".split()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is fastest, and on a busy machine
-    spinning OpenMP threads make them orders of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def script(name: str):
