@@ -8,26 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import RunConfig, from_dict, read_json, replace
+from shared.config import RunConfig, from_dict, replace
 from shared.errors import UserError
+from shared.run_dir import CONFIG, WEIGHTS, read_run_config
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"  # the names of shared.run_dir (which imports torch)
 SPLITS = ("train", "valid", "test")
 
 
 def check_image_run(run_dir: str | Path) -> RunConfig:
     """The run config of an image run with exported weights, or a UserError naming what is wrong."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the --output-dir of a training run")
-    if not (run_dir / CONFIG).is_file():
-        raise UserError(f"{run_dir} is not a run directory (no {CONFIG}); pass the --output-dir of a training run")
-    data = read_json(run_dir / CONFIG, "run config")
-    if isinstance(data, dict) and data.get("modality") not in (None, "image"):
-        raise UserError(f"{run_dir} is a {data['modality']} run, not an image run; use the "
-                        f"{data['modality']} scripts (e.g. scripts/report_{data['modality']}.py)")
-    run = RunConfig.from_json(data, str(run_dir / CONFIG))
-    if not (run_dir / WEIGHTS).is_file():
+    run = read_run_config(run_dir, "image")
+    if not (Path(run_dir) / WEIGHTS).is_file():
         raise UserError(f"{run_dir} has no exported weights ({WEIGHTS}) yet; train until the first checkpoint "
                         f"is saved (--save-every)")
     return run

@@ -28,3 +28,17 @@ def decoding_method(args: argparse.Namespace) -> str:
     if args.beam is not None:
         return "beam"
     return args.method or args.default_method
+
+
+def open_for_decoding(args: argparse.Namespace):
+    """(model, tokenizer, DecodeOptions) for a text sampler's parsed flags; imports torch."""
+    import torch
+
+    from .decode import DecodeOptions
+    from .report import load_text_run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _, model, tokenizer = load_text_run(args.run, device)
+    opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
+                         beam=args.beam or 1, seed=args.seed).validate()
+    return model, tokenizer, opts

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_text.cli import add_decoding_flags, decoding_method  # noqa: E402
+from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
 from shared.cli import ArgumentParser, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
@@ -41,20 +41,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    import torch
 
-    from biva_text.decode import DecodeOptions, encode_sentences, interpolate, to_text
-    from biva_text.report import load_text_run
+    from biva_text.decode import encode_sentences, interpolate, to_text
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _, model, tokenizer = load_text_run(args.run, device)
-    opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
-                         beam=args.beam or 1, seed=args.seed).validate()
+    model, tokenizer, opts = open_for_decoding(args)
     encoded = encode_sentences(tokenizer, [args.first, args.second], model.cfg.max_tokens)
     if encoded.skipped:
         sentence, why = encoded.skipped[0]
         raise UserError(f"cannot encode {sentence!r}: {why}; use a sentence in the run's vocabulary")
-    batch = {k: v.to(device) for k, v in encoded.batch.items()}
+    batch = {k: v.to(next(model.parameters()).device) for k, v in encoded.batch.items()}
     sentences = to_text(tokenizer, interpolate(model, batch, args.steps, opts))
     for i, sentence in enumerate(sentences):
         print(f"{i / (args.steps - 1):.2f}  {sentence}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_text.cli import add_decoding_flags, decoding_method  # noqa: E402
+from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
 from shared.cli import ArgumentParser, nonneg_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
@@ -61,15 +61,10 @@ def main(argv=None) -> list[tuple[str, str]]:
     source = args.input or "standard input"
     if not sentences:
         raise UserError(f"{source} has no sentence; give one sentence per line")
-    import torch
 
-    from biva_text.decode import DecodeOptions, encode_sentences, reconstruct, to_text
-    from biva_text.report import load_text_run
+    from biva_text.decode import encode_sentences, reconstruct, to_text
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _, model, tokenizer = load_text_run(args.run, device)
-    opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
-                         beam=args.beam or 1, seed=args.seed).validate()
+    model, tokenizer, opts = open_for_decoding(args)
     encoded = encode_sentences(tokenizer, sentences, model.cfg.max_tokens)
     for sentence, why in encoded.skipped:
         print(f"skipped: {sentence!r} ({why})", file=sys.stderr)
@@ -78,7 +73,7 @@ def main(argv=None) -> list[tuple[str, str]]:
                         f"({encoded.skipped[0][1]} in the first); use sentences in the run's vocabulary")
     pairs = []
     for start in range(0, len(encoded.kept), BATCH):
-        batch = {k: v[start:start + BATCH].to(device) for k, v in encoded.batch.items()}
+        batch = {k: v[start:start + BATCH].to(next(model.parameters()).device) for k, v in encoded.batch.items()}
         pairs += zip(encoded.kept[start:start + BATCH], to_text(tokenizer, reconstruct(model, batch, opts, args.from_level)))
     for original, rebuilt in pairs:
         print(f"> {original}\n< {rebuilt}\n")

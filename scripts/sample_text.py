@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_text.cli import add_decoding_flags, decoding_method  # noqa: E402
+from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
 from shared.cli import ArgumentParser, positive_int  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
 
@@ -39,15 +39,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    import torch
 
-    from biva_text.decode import DecodeOptions, sample_prior, to_text
-    from biva_text.report import load_text_run
+    from biva_text.decode import sample_prior, to_text
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _, model, tokenizer = load_text_run(args.run, device)
-    opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
-                         beam=args.beam or 1, seed=args.seed).validate()
+    model, tokenizer, opts = open_for_decoding(args)
     sentences = []
     for start in range(0, args.num, 256):  # bounded memory for a large --num; draws are keyed per sentence
         tokens = sample_prior(model, min(256, args.num - start), opts, args.latent_temperature, start=start)
