@@ -51,6 +51,7 @@ import shutil
 import struct
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -265,7 +266,7 @@ def _smallest_hashes(seed: int, n: int, k: int) -> np.ndarray:
 # Sources: the training corpus (files or a hub stream) plus optional held-out files
 
 
-class _Source:
+class _Source(ABC):
     """Usable sentences of the training corpus, their split codes, and the held-out files."""
 
     def __init__(self, cfg: TextDataConfig):
@@ -277,27 +278,33 @@ class _Source:
         self.read_stats: dict[str, dict] = {}
         self.split_rule: dict = {}
 
+    @abstractmethod
     def describe(self) -> dict:
         """What identifies the data in the store's fingerprint (no reading)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def plan(self) -> None:
         """Count what must be counted and fix the split rule."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def train_chunks(self) -> Iterator[list[str]]:
         """Usable sentences of the training corpus, in order, in chunks (a fresh pass)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def split_codes(self, start: int, count: int) -> np.ndarray:
         """Split codes (uint8) of training-corpus sentences ``start .. start + count - 1``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def tokenizer_sample(self, limit: int) -> Iterator[str]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def expected_sentences(self) -> int | None:
-        raise NotImplementedError
+        ...
 
     def _carved(self, name: str) -> bool:
         return not self.heldout_files[name]
