@@ -154,6 +154,7 @@ def main(argv=None) -> None:
 
     state = process_state()  # not PartialState(): CPU processes under torchrun must join
     had_tokenizer = (out / "tokenizer.model").exists()
+    had_dir = out.exists()
     try:
         with state.main_process_first():  # the main process trains the tokenizer and fills the cache
             splits = prepare_text_data(data_cfg, out, cache_dir=cache_dir)
@@ -161,6 +162,8 @@ def main(argv=None) -> None:
         if state.is_main_process and not args.resume and not had_tokenizer:  # leave no half-made run behind
             for suffix in (".model", ".vocab"):
                 (out / f"tokenizer{suffix}").unlink(missing_ok=True)
+            if not had_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
         raise
     vocab_size = splits.load_tokenizer().vocab_size
 
