@@ -182,6 +182,9 @@ def _check_file(path: Path) -> None:
         raise UserError(f"text file {path} does not exist; pass existing files to --train-files/--valid-files/--test-files")
     if not path.is_file():
         raise UserError(f"{path} is not a file; pass text files (one sentence per line), not folders")
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(8192):  # NUL bytes: binary data, not text in any common encoding
+            raise UserError(f"{path} holds binary data, not text; pass UTF-8 text files with one sentence per line")
 
 
 def _read_lines(paths: list[Path], counts: dict, progress: bool) -> Iterator[str]:
