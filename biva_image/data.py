@@ -6,10 +6,15 @@ Sources (``ImageDataConfig.dataset``); hub data goes through ``datasets.load_dat
 * ``svhn``: ``ufldl-stanford/svhn`` config ``cropped_digits`` (``image``, ``label``; train 73,257 /
   test 26,032; ``extra`` unused), 32x32x3 as is.
 * ``mnist``: ``ylecun/mnist`` (``image``, ``label``; 60k / 10k), 28x28x1 grey, ``binarize="dynamic"``.
-* ``omniglot``: ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single
-  split ``full`` of 32,460 = 1,623 x 20 drawings). Grey, ink made white on black as in MNIST,
-  box-filtered to 28x28, ``binarize="dynamic"``. Per character 5 of the 20 drawings go to test and
-  15 to train (8,115 / 24,345: the sizes of Burda et al.'s 28x28 OMNIGLOT), carved with ``split_seed``.
+* ``omniglot``: the standard 28x28 OMNIGLOT of the likelihood literature is Burda et al.'s
+  ``chardata.mat`` (as read by their IWAE code) in ``data_dir``: ``data`` (784, 24,345) and ``testdata``
+  (784, 8,070) floats in [0, 1], one column per image stored column-major, ``target`` / ``testtarget``
+  (50, N) one-hot alphabets; its own train/test split, pixels x*255 rounded, labels = alphabet index,
+  ``binarize="dynamic"``. Without ``data_dir`` (fallback, not the standard split):
+  ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single split ``full`` of
+  32,460 = 1,623 x 20 drawings). Grey, ink made white on black as in MNIST, box-filtered to 28x28.
+  Per character 5 of the 20 drawings go to test and 15 to train (8,115 / 24,345; Burda et al.'s test
+  has 8,070), carved with ``split_seed``.
 * ``celeba64``: ``flwrlabs/celeba`` config ``img_align+identity+attr`` (``image``: 178x218 aligned
   faces, ``celeb_id``, 40 boolean attribute columns; train 162,770 / valid 19,867 / test 19,962, the
   official partition). Centre crop 148x148, bilinear resize to 64x64 (the usual CelebA-64 recipe).
@@ -68,6 +73,7 @@ BINARIZED_MNIST_FILES = {
     "validation": "binarized_mnist_valid.amat",
     "test": "binarized_mnist_test.amat",
 }
+OMNIGLOT_FILE = "chardata.mat"  # Burda et al.'s 28x28 OMNIGLOT (IWAE code)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # Bump when a conversion recipe changes, so that old caches are rebuilt rather than reused.
@@ -403,6 +409,10 @@ def _save_atomic(path: Path, write: Callable) -> None:
 def _convert(recipe: _Recipe, data_dir: Path | None) -> dict:
     if recipe.name == "binarized-mnist":
         return _convert_amat(data_dir)
+    if recipe.name == "omniglot" and data_dir is not None:
+        found = [p for p in _walk_files(data_dir) if p.name == OMNIGLOT_FILE]
+        if found:
+            return _convert_chardata(found[0])
     if data_dir is None:
         return _convert_hub(recipe)
     tables = [p for p in _walk_files(data_dir) if p.suffix.lower() in TABLE_SUFFIXES]
@@ -411,8 +421,13 @@ def _convert(recipe: _Recipe, data_dir: Path | None) -> dict:
     images = [p for p in _walk_files(data_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     if images:
         return _convert_folder(recipe, data_dir)
-    raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or parquet/arrow files found in {data_dir}; "
-                    "point --data-dir at an image folder or a local copy of the dataset")
+    expected = f"{OMNIGLOT_FILE}, " if recipe.name == "omniglot" else ""
+    if any(p.name == OMNIGLOT_FILE for p in _walk_files(data_dir)):
+        expected, fix = "", f"for OMNIGLOT's {OMNIGLOT_FILE} pass --dataset omniglot"
+    else:
+        fix = "point --data-dir at an image folder or a local copy of the dataset"
+    raise UserError(f"no {expected}images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or parquet/arrow files found in "
+                    f"{data_dir}; {fix}")
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -611,6 +626,37 @@ def _read_amat(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a binarized MNIST .amat file (expected lines of 784 values 0/1); "
                         f"download it again from {BINARIZED_MNIST_URL}")
     return ((bits - ord("0")) * 255).astype(np.uint8).reshape(n_lines, 1, 28, 28)
+
+
+def _convert_chardata(path: Path) -> dict:
+    """Burda et al.'s ``chardata.mat`` -> {train, test}: uint8 (N, 1, 28, 28) x*255, alphabet labels."""
+    import scipy.io
+
+    fix = f"expected Burda et al.'s 28x28 OMNIGLOT {OMNIGLOT_FILE} (the IWAE code's file)"
+    keys = {"train": ("data", "target"), "test": ("testdata", "testtarget")}
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=[key for pair in keys.values() for key in pair])
+    except Exception as err:  # scipy raises ValueError, TypeError, MatReadError... for a foreign file
+        raise UserError(f"could not read {path} as a MATLAB file ({_first_line(err)}); {fix}") from None
+    missing = [key for pair in keys.values() for key in pair if key not in mat]
+    if missing:
+        raise UserError(f"{path} lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; {fix}")
+    parts = {}
+    for split, (images_key, labels_key) in keys.items():
+        pixels, onehot = mat[images_key], mat[labels_key]
+        if pixels.ndim != 2 or pixels.shape[0] != 784 or onehot.ndim != 2 or not onehot.shape[0] \
+                or onehot.shape[1] != pixels.shape[1]:
+            raise UserError(f"{path}: {images_key} is {pixels.shape} and {labels_key} {onehot.shape}, "
+                            f"expected (784, N) and (alphabets, N); {fix}")
+        if pixels.dtype.kind not in "fiub" or not (np.isfinite(pixels).all() and (pixels >= 0).all()
+                                                     and (pixels <= 1).all()):
+            raise UserError(f"{path}: {images_key} holds values outside [0, 1]; {fix}")
+        # Each column is one image stored column-major (MATLAB order), as the IWAE code reads it:
+        # data.T.reshape((-1, 28, 28), order="F"); a C-order reshape would give transposed characters.
+        images = pixels.T.reshape((-1, 28, 28), order="F")
+        images = np.rint(images * 255).astype(np.uint8)[:, None]
+        parts[split] = (np.ascontiguousarray(images), onehot.argmax(axis=0).astype(np.int64))
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------
