@@ -38,8 +38,11 @@ class subfolders give labels (sorted names -> 0..K-1). Mode ``L`` stays one chan
 without ``test/`` has no test split (``ImageSplits.test`` is None).
 
 Splits without their own validation part get one carved from train with ``split_seed`` (a numpy
-Generator permutation): ``valid_size`` examples, at most 10% of train. The cache (``cache_dir``,
-default ``~/.cache/biva/images``) holds one folder per dataset name (+ a hash of ``data_dir``) with
+Generator permutation): ``valid_size`` examples, at most 10% of train. ``valid_size=0`` carves nothing:
+training uses the whole train split, and validation (the plateau schedule's signal) is a seeded subset
+of those training images, min(``VALID_FROM_TRAIN``, 10% of train), chosen as a carve of that size would
+be (``ImageSplits.valid_from == "train"``). Sources with their own validation split keep it. The cache
+(``cache_dir``, default ``~/.cache/biva/images``) holds one folder per dataset name (+ a hash of ``data_dir``) with
 ``train.npy``, ``test.npy`` ... written atomically and a ``meta.json`` written last; a second load
 reads it without touching ``datasets``; a cache built from ``data_dir`` is rebuilt when the files there
 change (names, sizes, modification times). The carving is redone on every load (cheap, seed-dependent).
@@ -74,6 +77,9 @@ BINARIZED_MNIST_FILES = {
     "test": "binarized_mnist_test.amat",
 }
 OMNIGLOT_FILE = "chardata.mat"  # Burda et al.'s 28x28 OMNIGLOT (IWAE code)
+# Validation images drawn from train when valid_size is 0 (at most a tenth of train): enough for a
+# stable plateau signal, as many as a default carve would hold out.
+VALID_FROM_TRAIN = 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # Bump when a conversion recipe changes, so that old caches are rebuilt rather than reused.
@@ -93,7 +99,9 @@ class ImageDataConfig:
     dataset: str = "cifar10"  # one of IMAGE_DATASETS; "folder" for a local image folder
     data_dir: str | None = None  # local image folder, or a local copy of a hub dataset
     split_seed: int = 0  # seed of the train/validation (and OMNIGLOT test) carving
-    valid_size: int = 5000  # carved from train when the source has no validation split; <= 10% of train
+    # Carved from train when the source has no validation split; <= 10% of train. 0: train on all of
+    # train, validate on a seeded subset of it (train_image.py's default for FULL_TRAIN_DATASETS).
+    valid_size: int = 5000
     cache_dir: str | None = None  # converted uint8 arrays; default ~/.cache/biva/images
 
 
@@ -108,6 +116,9 @@ class ImageSplits:
     # "none" | "dynamic" (Bernoulli with p = x/255, resampled by the model) | "static" (already 0/255)
     binarize: str = "none"
     name: str = ""
+    # "validation": the source's own split; "carved": held out of train; "train": a seeded subset of
+    # the training images, which are all trained on (valid_size 0)
+    valid_from: str = "validation"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -268,7 +279,7 @@ def carve(n: int, n_out: int, seed, labels: np.ndarray | None = None) -> tuple[n
 
 
 def _valid_count(n_train: int, valid_size: int) -> int:
-    if valid_size == 0 or n_train < 2:
+    if n_train < 2:
         return 0
     # A tenth of train at most, so that small sets keep most of their data for training, but at
     # least one example so that there is something to evaluate on.
@@ -286,16 +297,23 @@ def _assemble(cfg: ImageDataConfig, recipe: _Recipe, parts: dict) -> ImageSplits
         kept, carved_idx = carve(len(train), n_test, [cfg.split_seed, 1], train_labels)
         test, test_labels = train[carved_idx], _take(train_labels, carved_idx)
         train, train_labels = train[kept], _take(train_labels, kept)
+    valid_from = "validation"
     if "validation" in parts:
         valid, valid_labels = parts["validation"]
+    elif cfg.valid_size == 0:
+        # The whole split trains (the usual protocol when only the test split is reported); the
+        # plateau schedule still needs a signal, so it watches the same images a carve would take.
+        n_valid = _valid_count(len(train), VALID_FROM_TRAIN) or len(train)
+        _, chosen = carve(len(train), n_valid, cfg.split_seed)
+        valid, valid_labels, valid_from = train[chosen], _take(train_labels, chosen), "train"
     else:
         n_valid = _valid_count(len(train), cfg.valid_size)
         kept, carved_idx = carve(len(train), n_valid, cfg.split_seed)
-        valid, valid_labels = train[carved_idx], _take(train_labels, carved_idx)
+        valid, valid_labels, valid_from = train[carved_idx], _take(train_labels, carved_idx), "carved"
         train, train_labels = train[kept], _take(train_labels, kept)
     return ImageSplits(train=train, valid=valid, test=test, train_labels=train_labels,
                        valid_labels=valid_labels, test_labels=test_labels,
-                       binarize=recipe.binarize, name=recipe.name)
+                       binarize=recipe.binarize, name=recipe.name, valid_from=valid_from)
 
 
 def _take(labels: np.ndarray | None, index: np.ndarray) -> np.ndarray | None:

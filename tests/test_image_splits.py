@@ -1,4 +1,5 @@
-"""Standard splits: Burda et al.'s OMNIGLOT ``chardata.mat`` with its own train/test split.
+"""Standard splits: Burda et al.'s OMNIGLOT ``chardata.mat`` with its own train/test split, and
+``--valid-size 0`` (train on the whole training split, validate on a seeded subset of it).
 
 The ``.mat`` files are generated here with scipy.io.savemat in the layout of the real file (IWAE code):
 ``data`` (784, N) and ``testdata`` (784, M) floats in [0, 1], one column-major image per column,
@@ -6,6 +7,8 @@ The ``.mat`` files are generated here with scipy.io.savemat in the layout of the
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from biva_image import data
 from biva_image.data import ImageDataConfig, load_image_splits
 from shared.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, ALPHABETS = 40, 12, 50
 
 
@@ -62,7 +66,7 @@ def test_chardata_keeps_its_train_test_split_orientation_values_and_alphabet_lab
     splits = load_image_splits(_cfg(tmp_path, tmp_path / "omniglot", valid_size=4))
 
     assert splits.binarize == "dynamic" and splits.train.dtype == np.uint8
-    assert len(splits.train) == N_TRAIN - 4 and len(splits.valid) == 4
+    assert len(splits.train) == N_TRAIN - 4 and len(splits.valid) == 4 and splits.valid_from == "carved"
     assert sorted(_ids(splits.train) + _ids(splits.valid)) == list(range(N_TRAIN))
     assert _ids(splits.test) == list(range(100, 100 + N_TEST))  # the file's own test split, in order
     for images in (splits.train, splits.valid, splits.test):
@@ -91,6 +95,34 @@ def test_chardata_is_converted_once_then_read_from_the_cache(tmp_path, monkeypat
     np.testing.assert_array_equal(first.train_labels, second.train_labels)
 
 
+def test_valid_size_zero_trains_on_every_training_image_and_validates_on_a_seeded_subset(tmp_path):
+    _write_chardata(tmp_path / "omniglot")
+    load = lambda **kw: load_image_splits(_cfg(tmp_path, tmp_path / "omniglot", **kw))  # noqa: E731
+
+    full, again, other = load(valid_size=0), load(valid_size=0), load(valid_size=0, split_seed=1)
+    n_valid = N_TRAIN // 10  # min(VALID_FROM_TRAIN, 10% of train)
+    assert full.valid_from == "train"
+    assert _ids(full.train) == list(range(N_TRAIN))  # every training image, in the file's order
+    assert len(full.valid) == n_valid and set(_ids(full.valid)) <= set(_ids(full.train))
+    assert _ids(full.valid) == _ids(again.valid) and _ids(full.valid) != _ids(other.valid)
+    # the same images a carve of that size would hold out with the same seed
+    assert _ids(full.valid) == _ids(load(valid_size=n_valid).valid)
+    assert full.valid_labels.tolist() == [i % 7 for i in _ids(full.valid)]
+
+
+def test_valid_size_zero_keeps_a_sources_own_validation_split(tmp_path):
+    root = tmp_path / "bmnist"
+    root.mkdir()
+    for split, n in (("train", 12), ("valid", 5), ("test", 4)):
+        rows = np.zeros((n, 784), dtype=int)
+        rows[:, 0] = 1 if split == "valid" else 0
+        (root / f"binarized_mnist_{split}.amat").write_text("".join(" ".join(map(str, r)) + "\n" for r in rows))
+    splits = load_image_splits(ImageDataConfig(dataset="binarized-mnist", data_dir=str(root), valid_size=0,
+                                               cache_dir=str(tmp_path / "cache")))
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (12, 5, 4)
+    assert splits.valid_from == "validation" and (splits.valid[:, 0, 0, 0] == 255).all()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"testtarget": None}, r"lacks the key testtarget"),
     ({"data": np.zeros((783, N_TRAIN))}, r"data is \(783, 40\).*expected \(784, N\)"),
@@ -110,3 +142,37 @@ def test_a_file_that_is_not_matlab_is_a_user_error(tmp_path):
     (tmp_path / "omniglot" / "chardata.mat").write_bytes(b"not a MATLAB file at all\n" * 10)
     with pytest.raises(UserError, match=r"could not read .*chardata\.mat as a MATLAB file"):
         load_image_splits(_cfg(tmp_path, tmp_path / "omniglot"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Through train_image.py, as a user runs it.
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_image_omniglot_trains_on_the_whole_split_by_default_and_says_so(tmp_path, capsys):
+    _write_chardata(tmp_path / "omniglot")
+    train_image = _script("train_image")
+    run = tmp_path / "run"
+    common = ["--dataset", "omniglot", "--data-dir", str(tmp_path / "omniglot"), "--preset", "tiny",
+              "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--cache-dir", str(tmp_path / "cache")]
+    train_image.main(common + ["--output-dir", str(run), "--max-steps", "2"])
+    err = capsys.readouterr().err
+    assert f"{N_TRAIN} train / {N_TRAIN // 10} valid images" in err
+    assert f"validation: {N_TRAIN // 10} of the {N_TRAIN} training images (split seed 0)" in err
+    assert json.loads((run / "config.json").read_text())["data"]["valid_size"] == 0
+    report = _script("report_image").main(["--run", str(run), "--split", "valid", "--iw-samples", "2"])
+    assert report["data"].endswith("(a seeded subset of train)")  # scored images that were trained on
+
+    # A run started with a carved validation split resumes with it, whatever today's default is.
+    carved = tmp_path / "carved"
+    train_image.main(common + ["--output-dir", str(carved), "--max-steps", "2", "--valid-size", "4"])
+    assert f"{N_TRAIN - 4} train / 4 valid images" in capsys.readouterr().err
+    train_image.main(common + ["--output-dir", str(carved), "--max-steps", "4", "--resume"])
+    err = capsys.readouterr().err
+    assert f"{N_TRAIN - 4} train / 4 valid images" in err and "validation:" not in err
