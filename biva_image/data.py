@@ -6,10 +6,15 @@ Sources (``ImageDataConfig.dataset``); hub data goes through ``datasets.load_dat
 * ``svhn``: ``ufldl-stanford/svhn`` config ``cropped_digits`` (``image``, ``label``; train 73,257 /
   test 26,032; ``extra`` unused), 32x32x3 as is.
 * ``mnist``: ``ylecun/mnist`` (``image``, ``label``; 60k / 10k), 28x28x1 grey, ``binarize="dynamic"``.
-* ``omniglot``: ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single
-  split ``full`` of 32,460 = 1,623 x 20 drawings). Grey, ink made white on black as in MNIST,
-  box-filtered to 28x28, ``binarize="dynamic"``. Per character 5 of the 20 drawings go to test and
-  15 to train (8,115 / 24,345: the sizes of Burda et al.'s 28x28 OMNIGLOT), carved with ``split_seed``.
+* ``omniglot``: the standard 28x28 OMNIGLOT of the likelihood literature is Burda et al.'s
+  ``chardata.mat`` (as read by their IWAE code) in ``data_dir``: ``data`` (784, 24,345) and ``testdata``
+  (784, 8,070) floats in [0, 1], one column per image stored column-major, ``target`` / ``testtarget``
+  (50, N) one-hot alphabets; its own train/test split, pixels x*255 rounded, labels = alphabet index,
+  ``binarize="dynamic"``. Without ``data_dir`` (fallback, not the standard split):
+  ``GATE-engine/omniglot`` (``image``, ``label`` = one of 1,623 characters; a single split ``full`` of
+  32,460 = 1,623 x 20 drawings). Grey, ink made white on black as in MNIST, box-filtered to 28x28.
+  Per character 5 of the 20 drawings go to test and 15 to train (8,115 / 24,345; Burda et al.'s test
+  has 8,070), carved with ``split_seed``.
 * ``celeba64``: ``flwrlabs/celeba`` config ``img_align+identity+attr`` (``image``: 178x218 aligned
   faces, ``celeb_id``, 40 boolean attribute columns; train 162,770 / valid 19,867 / test 19,962, the
   official partition). Centre crop 148x148, bilinear resize to 64x64 (the usual CelebA-64 recipe).
@@ -33,8 +38,11 @@ class subfolders give labels (sorted names -> 0..K-1). Mode ``L`` stays one chan
 without ``test/`` has no test split (``ImageSplits.test`` is None).
 
 Splits without their own validation part get one carved from train with ``split_seed`` (a numpy
-Generator permutation): ``valid_size`` examples, at most 10% of train. The cache (``cache_dir``,
-default ``~/.cache/biva/images``) holds one folder per dataset name (+ a hash of ``data_dir``) with
+Generator permutation): ``valid_size`` examples, at most 10% of train. ``valid_size=0`` carves nothing:
+training uses the whole train split, and validation (the plateau schedule's signal) is a seeded subset
+of those training images, min(``VALID_FROM_TRAIN``, 10% of train), chosen as a carve of that size would
+be (``ImageSplits.valid_from == "train"``). Sources with their own validation split keep it. The cache
+(``cache_dir``, default ``~/.cache/biva/images``) holds one folder per dataset name (+ a hash of ``data_dir``) with
 ``train.npy``, ``test.npy`` ... written atomically and a ``meta.json`` written last; a second load
 reads it without touching ``datasets``; a cache built from ``data_dir`` is rebuilt when the files there
 change (names, sizes, modification times). The carving is redone on every load (cheap, seed-dependent).
@@ -68,6 +76,10 @@ BINARIZED_MNIST_FILES = {
     "validation": "binarized_mnist_valid.amat",
     "test": "binarized_mnist_test.amat",
 }
+OMNIGLOT_FILE = "chardata.mat"  # Burda et al.'s 28x28 OMNIGLOT (IWAE code)
+# Validation images drawn from train when valid_size is 0 (at most a tenth of train): enough for a
+# stable plateau signal, as many as a default carve would hold out.
+VALID_FROM_TRAIN = 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # Bump when a conversion recipe changes, so that old caches are rebuilt rather than reused.
@@ -87,7 +99,9 @@ class ImageDataConfig:
     dataset: str = "cifar10"  # one of IMAGE_DATASETS; "folder" for a local image folder
     data_dir: str | None = None  # local image folder, or a local copy of a hub dataset
     split_seed: int = 0  # seed of the train/validation (and OMNIGLOT test) carving
-    valid_size: int = 5000  # carved from train when the source has no validation split; <= 10% of train
+    # Carved from train when the source has no validation split; <= 10% of train. 0: train on all of
+    # train, validate on a seeded subset of it (train_image.py's default for FULL_TRAIN_DATASETS).
+    valid_size: int = 5000
     cache_dir: str | None = None  # converted uint8 arrays; default ~/.cache/biva/images
 
 
@@ -102,6 +116,9 @@ class ImageSplits:
     # "none" | "dynamic" (Bernoulli with p = x/255, resampled by the model) | "static" (already 0/255)
     binarize: str = "none"
     name: str = ""
+    # "validation": the source's own split; "carved": held out of train; "train": a seeded subset of
+    # the training images, which are all trained on (valid_size 0)
+    valid_from: str = "validation"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -262,7 +279,7 @@ def carve(n: int, n_out: int, seed, labels: np.ndarray | None = None) -> tuple[n
 
 
 def _valid_count(n_train: int, valid_size: int) -> int:
-    if valid_size == 0 or n_train < 2:
+    if n_train < 2:
         return 0
     # A tenth of train at most, so that small sets keep most of their data for training, but at
     # least one example so that there is something to evaluate on.
@@ -280,16 +297,23 @@ def _assemble(cfg: ImageDataConfig, recipe: _Recipe, parts: dict) -> ImageSplits
         kept, carved_idx = carve(len(train), n_test, [cfg.split_seed, 1], train_labels)
         test, test_labels = train[carved_idx], _take(train_labels, carved_idx)
         train, train_labels = train[kept], _take(train_labels, kept)
+    valid_from = "validation"
     if "validation" in parts:
         valid, valid_labels = parts["validation"]
+    elif cfg.valid_size == 0:
+        # The whole split trains (the usual protocol when only the test split is reported); the
+        # plateau schedule still needs a signal, so it watches the same images a carve would take.
+        n_valid = _valid_count(len(train), VALID_FROM_TRAIN) or len(train)
+        _, chosen = carve(len(train), n_valid, cfg.split_seed)
+        valid, valid_labels, valid_from = train[chosen], _take(train_labels, chosen), "train"
     else:
         n_valid = _valid_count(len(train), cfg.valid_size)
         kept, carved_idx = carve(len(train), n_valid, cfg.split_seed)
-        valid, valid_labels = train[carved_idx], _take(train_labels, carved_idx)
+        valid, valid_labels, valid_from = train[carved_idx], _take(train_labels, carved_idx), "carved"
         train, train_labels = train[kept], _take(train_labels, kept)
     return ImageSplits(train=train, valid=valid, test=test, train_labels=train_labels,
                        valid_labels=valid_labels, test_labels=test_labels,
-                       binarize=recipe.binarize, name=recipe.name)
+                       binarize=recipe.binarize, name=recipe.name, valid_from=valid_from)
 
 
 def _take(labels: np.ndarray | None, index: np.ndarray) -> np.ndarray | None:
@@ -403,6 +427,10 @@ def _save_atomic(path: Path, write: Callable) -> None:
 def _convert(recipe: _Recipe, data_dir: Path | None) -> dict:
     if recipe.name == "binarized-mnist":
         return _convert_amat(data_dir)
+    if recipe.name == "omniglot" and data_dir is not None:
+        found = [p for p in _walk_files(data_dir) if p.name == OMNIGLOT_FILE]
+        if found:
+            return _convert_chardata(found[0])
     if data_dir is None:
         return _convert_hub(recipe)
     tables = [p for p in _walk_files(data_dir) if p.suffix.lower() in TABLE_SUFFIXES]
@@ -411,8 +439,13 @@ def _convert(recipe: _Recipe, data_dir: Path | None) -> dict:
     images = [p for p in _walk_files(data_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     if images:
         return _convert_folder(recipe, data_dir)
-    raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or parquet/arrow files found in {data_dir}; "
-                    "point --data-dir at an image folder or a local copy of the dataset")
+    expected = f"{OMNIGLOT_FILE}, " if recipe.name == "omniglot" else ""
+    if any(p.name == OMNIGLOT_FILE for p in _walk_files(data_dir)):
+        expected, fix = "", f"for OMNIGLOT's {OMNIGLOT_FILE} pass --dataset omniglot"
+    else:
+        fix = "point --data-dir at an image folder or a local copy of the dataset"
+    raise UserError(f"no {expected}images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or parquet/arrow files found in "
+                    f"{data_dir}; {fix}")
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -611,6 +644,37 @@ def _read_amat(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a binarized MNIST .amat file (expected lines of 784 values 0/1); "
                         f"download it again from {BINARIZED_MNIST_URL}")
     return ((bits - ord("0")) * 255).astype(np.uint8).reshape(n_lines, 1, 28, 28)
+
+
+def _convert_chardata(path: Path) -> dict:
+    """Burda et al.'s ``chardata.mat`` -> {train, test}: uint8 (N, 1, 28, 28) x*255, alphabet labels."""
+    import scipy.io
+
+    fix = f"expected Burda et al.'s 28x28 OMNIGLOT {OMNIGLOT_FILE} (the IWAE code's file)"
+    keys = {"train": ("data", "target"), "test": ("testdata", "testtarget")}
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=[key for pair in keys.values() for key in pair])
+    except Exception as err:  # scipy raises ValueError, TypeError, MatReadError... for a foreign file
+        raise UserError(f"could not read {path} as a MATLAB file ({_first_line(err)}); {fix}") from None
+    missing = [key for pair in keys.values() for key in pair if key not in mat]
+    if missing:
+        raise UserError(f"{path} lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; {fix}")
+    parts = {}
+    for split, (images_key, labels_key) in keys.items():
+        pixels, onehot = mat[images_key], mat[labels_key]
+        if pixels.ndim != 2 or pixels.shape[0] != 784 or onehot.ndim != 2 or not onehot.shape[0] \
+                or onehot.shape[1] != pixels.shape[1]:
+            raise UserError(f"{path}: {images_key} is {pixels.shape} and {labels_key} {onehot.shape}, "
+                            f"expected (784, N) and (alphabets, N); {fix}")
+        if pixels.dtype.kind not in "fiub" or not (np.isfinite(pixels).all() and (pixels >= 0).all()
+                                                     and (pixels <= 1).all()):
+            raise UserError(f"{path}: {images_key} holds values outside [0, 1]; {fix}")
+        # Each column is one image stored column-major (MATLAB order), as the IWAE code reads it:
+        # data.T.reshape((-1, 28, 28), order="F"); a C-order reshape would give transposed characters.
+        images = pixels.T.reshape((-1, 28, 28), order="F")
+        images = np.rint(images * 255).astype(np.uint8)[:, None]
+        parts[split] = (np.ascontiguousarray(images), onehot.argmax(axis=0).astype(np.int64))
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------

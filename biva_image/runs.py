@@ -89,7 +89,9 @@ def load_split(data_cfg, split: str, fallback_all: bool = False) -> SplitData:
             return SplitData(np.concatenate(parts), f"all images of {where}", splits.shape)
         raise UserError(f"{where} has no {split} split (an image folder needs a {split}/ subfolder for it); "
                         f"pass --split valid")
-    return SplitData(images, f"{split} split of {where}", splits.shape)
+    # with --valid-size 0 the validation images were trained on: say so wherever they are scored
+    note = " (a seeded subset of train)" if split == "valid" and splits.valid_from == "train" else ""
+    return SplitData(images, f"{split} split of {where}{note}", splits.shape)
 
 
 def check_shape(data: SplitData, model_shape, what: str) -> None:

@@ -6,6 +6,17 @@
     python scripts/train_image.py --data-dir my_images/ --preset tiny --max-steps 500
 
 The defaults reproduce the paper's setup for the chosen dataset (Appendix C).
+
+Splits (which trains / validates / is reported; our choices, following the usual protocols):
+  cifar10, mnist, omniglot  train on the whole training split (50,000 / 60,000 / 24,345), validate
+                            on a seeded subset of it (5,000, at most 10%; the free-bits schedule's
+                            signal), report the test split (10,000 / 10,000 / 8,070): --valid-size 0
+  binarized-mnist           Larochelle's own 50,000 train / 10,000 valid / 10,000 test
+  celeba64                  the official train / valid / test partition
+  svhn, folder              --valid-size images (default 5,000, at most 10%) carved out of train
+                            (a folder's own validation/ subfolder is used as it is)
+  omniglot: --data-dir with Burda et al.'s chardata.mat is the standard split; without --data-dir
+  a hub copy (GATE-engine/omniglot) is used, with a carved test split that is not the standard one.
 """
 from __future__ import annotations
 
@@ -14,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_image.names import (DATASET_PRESET, IMAGE_DATASETS, IMAGE_MODELS, IMAGE_PRESETS,  # noqa: E402
-                              LIKELIHOODS, PRESET_BY_SIZE)
+from biva_image.names import (DATASET_PRESET, FULL_TRAIN_DATASETS, IMAGE_DATASETS, IMAGE_MODELS,  # noqa: E402
+                              IMAGE_PRESETS, LIKELIHOODS, PRESET_BY_SIZE)
 from shared.cli import ArgumentParser, add_training_flags, nonneg_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
@@ -26,16 +37,23 @@ def parse_args(argv=None):
     d = p.add_argument_group("data and model")
     d.add_argument("--dataset", choices=IMAGE_DATASETS,
                    help="hub dataset, or 'folder' for --data-dir (default: cifar10, or folder with --data-dir)")
-    d.add_argument("--data-dir", type=Path, help="local image folder or local copy of a hub dataset")
+    d.add_argument("--data-dir", type=Path, help="local image folder or local copy of a hub dataset; for omniglot "
+                   "the folder holding Burda et al.'s chardata.mat (the standard split)")
     d.add_argument("--cache-dir", type=Path, help="where converted uint8 arrays are cached (default ~/.cache/biva/images)")
-    d.add_argument("--valid-size", type=nonneg_int, help="validation images carved from train (default 5000, at most 10%%)")
+    d.add_argument("--valid-size", type=nonneg_int,
+                   help="validation images carved from train, at most 10%% (default 0 for cifar10, mnist, "
+                        "omniglot, else 5000); 0: train on all of train, validate on a seeded subset of it "
+                        "(5000, at most 10%%); sources with their own validation split ignore it")
     d.add_argument("--model", choices=IMAGE_MODELS, help="biva, or the ablations lvae+ / lvae (default biva)")
     d.add_argument("--likelihood", choices=LIKELIHOODS, help="default: the preset's (bernoulli for binary images)")
     d.add_argument("--levels", type=nonneg_int, help="ladder depth L (default: the preset's; e.g. 29 for LVAE+ L=29)")
     add_training_flags(p, list(IMAGE_PRESETS), modality="image")
     args = p.parse_args(argv)
     if args.data_dir is not None and not args.data_dir.is_dir():
-        p.error(f"--data-dir {args.data_dir} is not a directory")
+        hint = ""
+        if args.data_dir.is_file():
+            hint = f"; pass the folder that holds it, {args.data_dir.resolve().parent}"
+        p.error(f"--data-dir {args.data_dir} is not a directory{hint}")
     if args.dataset is None:
         args.dataset = "folder" if args.data_dir is not None else "cifar10"
     if args.dataset == "folder" and args.data_dir is None:
@@ -75,6 +93,8 @@ def main(argv=None) -> None:
                                cache_dir=str(args.cache_dir) if args.cache_dir else None)
     if args.valid_size is not None:
         data_cfg.valid_size = args.valid_size
+    elif args.dataset in FULL_TRAIN_DATASETS:
+        data_cfg.valid_size = 0  # the usual protocol: train on the whole split, report test
     flags = {"dataset": args.dataset, "model": args.model, "likelihood": args.likelihood, "levels": args.levels}
 
     def fresh_run(shape) -> RunConfig:
@@ -105,10 +125,15 @@ def main(argv=None) -> None:
     state = process_state()  # not PartialState(): CPU processes under torchrun must join
     with state.main_process_first():  # only the main process converts and caches the data
         splits = load_image_splits(data_cfg)
+    loaded_cfg = data_cfg
     run, out = open_run(args, "image", lambda: fresh_run(splits.shape), flags)
     if args.resume:
-        saved_data = run.data
-        data_cfg = from_dict(ImageDataConfig, saved_data, "config.json data")
+        # The run's own split settings (valid size, split seed), read from where the data are now.
+        data_cfg = replace(from_dict(ImageDataConfig, run.data, "config.json data"), "config.json data",
+                           data_dir=loaded_cfg.data_dir, cache_dir=loaded_cfg.cache_dir)
+        if data_cfg != loaded_cfg:
+            with state.main_process_first():
+                splits = load_image_splits(data_cfg)
     model_cfg = from_dict(ImageModelConfig, run.model, "config.json model")
     if list(model_cfg.image_shape) != list(splits.shape):
         raise UserError(f"the run's model expects images of shape {model_cfg.image_shape} but the data are "
@@ -128,6 +153,10 @@ def main(argv=None) -> None:
         n_params = sum(p.numel() for p in trainer.raw_model.parameters())
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "
               f"{len(splits.train)} train / {len(splits.valid)} valid images -> {out}", file=sys.stderr)
+        if splits.valid_from == "train":
+            print(f"validation: {len(splits.valid)} of the {len(splits.train)} training images (split seed "
+                  f"{data_cfg.split_seed}), all of which are trained on (--valid-size 0); report on the test split",
+                  file=sys.stderr)
     summary = trainer.fit()
     if state.is_main_process:
         v = summary["valid"]

@@ -171,7 +171,7 @@ def test_omniglot_from_hub_is_inverted_resized_and_test_carved_per_character(tmp
     assert calls == [("GATE-engine/omniglot", None, "full")]
     assert splits.binarize == "dynamic"
     assert splits.train.shape[1:] == (1, 28, 28)
-    # 5 of 20 drawings per character go to test (Burda et al.'s 24,345 / 8,115 proportion)
+    # 5 of 20 drawings per character go to test (24,345 / 8,115; not the standard chardata.mat split)
     assert np.bincount(splits.test_labels).tolist() == [5] * n_chars
     assert len(splits.train) + len(splits.valid) == n_chars * 15
     assert len(splits.valid) == (n_chars * 15) // 10
