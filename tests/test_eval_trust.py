@@ -218,3 +218,31 @@ def test_kl_per_group_of_l_greater_than_k_lists_only_the_inferred_groups(tiny_mo
         assert res.kl_per_group == pytest.approx(scored_kl.mean(0).tolist(), rel=1e-5, abs=1e-5)
         assert res.elbo == pytest.approx((out.log_px.double() - scored_kl.sum(1)).mean().item(), rel=1e-5)
     assert len(evaluate(tiny_model, data, batch_size=16, seed=1, progress=False).kl_per_group) == 5
+
+
+def test_validation_scores_the_same_seeded_subset_every_time(tmp_path, capsys):
+    from core_utils import ArrayDataset, build, stripes, tiny_image_config, tiny_run
+    from safetensors.torch import load_file
+
+    from shared.engine import Trainer
+    from shared.run_dir import read_metrics, write_run_config
+
+    cfg = tiny_image_config("biva")
+    run = tiny_run(cfg, max_steps=4, eval_every=2, save_every=2, log_every=2, eval_examples=13, eval_seed=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_config(out, run)
+    valid = _labelled_stripes()
+    trainer = Trainer(run, build(cfg), ArrayDataset(stripes(64, seed=0)), valid, out)
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert err.count("validation: a fixed subset of 13 of 50 examples drawn with eval_seed 3, stratified by class") == 1
+    records = [r for r in read_metrics(out) if r.get("split") == "valid"]
+    assert [(r["step"], r["num_examples"]) for r in records] == [(2, 13), (4, 13)]
+    model = build(cfg)().eval()
+    for r in records:  # each figure is that of the EMA weights on the one subset drawn from eval_seed
+        model.load_state_dict(load_file(str(out / "checkpoints" / f"step_{r['step']}" / "ema.safetensors")))
+        res = evaluate(model, valid, batch_size=5, seed=3, max_examples=13, progress=False)
+        assert res.subset == {"size": 13, "of": 50, "seed": 3, "stratified": True}
+        assert res.elbo == pytest.approx(r["elbo"], abs=1e-4)
+        assert res.kl_per_group == pytest.approx(r["kl_per_group"], abs=1e-4)
