@@ -40,10 +40,14 @@ def _shr(h: torch.Tensor, s: int) -> torch.Tensor:
 
 def _mix64(h: torch.Tensor) -> torch.Tensor:
     # SplitMix64's finaliser: a bijection of 64-bit values with full avalanche. Products wrap
-    # modulo 2^64 (two's complement), which is what the hash wants.
-    h = (h ^ _shr(h, 30)) * _MUL1
-    h = (h ^ _shr(h, 27)) * _MUL2
-    return h ^ _shr(h, 31)
+    # modulo 2^64 (two's complement), which is what the hash wants. In place after the first
+    # step: the tensors are as large as the noise drawn.
+    h = h ^ _shr(h, 30)
+    h.mul_(_MUL1)
+    h ^= _shr(h, 27)
+    h.mul_(_MUL2)
+    h ^= _shr(h, 31)
+    return h
 
 
 def _absorb(h: torch.Tensor, v) -> torch.Tensor:
