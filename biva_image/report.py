@@ -58,9 +58,13 @@ def _fmt(value, spec: str = ".4f") -> str:
 def format_report(report: dict) -> str:
     """The report as a plain-text table for the terminal."""
     K = report["iw_samples"]
+    subset = report.get("subset")
+    drawn = "" if not subset else (f" (a draw of {subset['size']} of {subset['of']}, seed {subset['seed']}"
+                                   + (", stratified by class)" if subset["stratified"] else ")"))
     lines = [
         f"{report.get('model', '?')} ({report.get('preset', '?')} preset, L={report.get('levels', '?')}), "
-        f"{report['num_params'] / 1e6:.2f}M parameters, {report['num_examples']} images of the {report.get('data', '?')}",
+        f"{report['num_params'] / 1e6:.2f}M parameters, {report['num_examples']} images of the {report.get('data', '?')}"
+        + drawn,
         f"  {'bound':<14}{'nats/image':>12}{'bits/dim':>10}",
         f"  {'ELBO L_1':<14}{_fmt(report['nats_elbo'], '.2f'):>12}{_fmt(report['bits_per_dim_elbo']):>10}",
     ]
