@@ -39,6 +39,13 @@ def bits_per_dim_per_example(model, dataset, *, k: int, iw_samples: int, batch_s
                              desc: str = "anomaly") -> np.ndarray:
     """-L^{>k}_K / (D ln 2) for every image, in example order (K = 1: the single-sample L^{>k},
     which at k = 0 is the ELBO on the same noise as ``evaluate``)."""
+    return _score(model, dataset, k=k, iw_samples=iw_samples, batch_size=batch_size, seed=seed,
+                  max_examples=max_examples, device=device, iw_chunk=iw_chunk, desc=desc)[0]
+
+
+def _score(model, dataset, *, k: int, iw_samples: int, batch_size: int, seed: int, max_examples: int | None,
+           device, iw_chunk: int, desc: str):
+    """(bits/dim per image, the EvalResult of the single-sample pass)."""
     from shared.evaluate import evaluate
 
     res = evaluate(model, dataset, batch_size=batch_size, seed=seed, k=k, max_examples=max_examples,
@@ -46,18 +53,21 @@ def bits_per_dim_per_example(model, dataset, *, k: int, iw_samples: int, batch_s
                    device=device, desc=desc)
     bound = res.per_example["iw" if iw_samples > 1 else "bound"].cpu().numpy()
     dims = res.num_dims / max(res.num_examples, 1)
-    return -bound / (dims * math.log(2.0))
+    return -bound / (dims * math.log(2.0)), res
 
 
 def anomaly_curve(model, in_set, ood_set, ks: list[int], *, iw_samples: int, batch_size: int, seed: int,
                   max_examples: int | None = None, device=None, iw_chunk: int = 100) -> list[dict]:
-    """One row {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc"} per k (bits/dim averaged over images)."""
+    """One row {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc", "kl_per_group"} per k (bits/dim averaged
+    over images; ``kl_per_group``: KL in nats per image on the in-distribution set, of the groups that
+    L^{>k} infers, levels > k; the others are drawn from the prior and have no KL)."""
     rows = []
     for k in ks:
         kw = dict(k=k, iw_samples=iw_samples, batch_size=batch_size, seed=seed, max_examples=max_examples,
                   device=device, iw_chunk=iw_chunk)
-        bpd_in = bits_per_dim_per_example(model, in_set, desc=f"L^>{k} in", **kw)
+        bpd_in, res_in = _score(model, in_set, desc=f"L^>{k} in", **kw)
         bpd_ood = bits_per_dim_per_example(model, ood_set, desc=f"L^>{k} ood", **kw)
         rows.append({"k": k, "iw_samples": iw_samples, "bpd_in": float(bpd_in.mean()),
-                     "bpd_ood": float(bpd_ood.mean()), "auroc": auroc(bpd_in, bpd_ood)})
+                     "bpd_ood": float(bpd_ood.mean()), "auroc": auroc(bpd_in, bpd_ood),
+                     "kl_per_group": res_in.labelled_kl_per_group(model.group_info)})
     return rows

@@ -126,15 +126,19 @@ class ImageSplits:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items ``{"index": i, "x": uint8 (C, H, W)}``; scaling to floats happens on the device."""
+    """Items ``{"index": i, "x": uint8 (C, H, W)}``; scaling to floats happens on the device.
+    ``labels`` (int64 (N,) or None) stratify evaluation subsets; items do not carry them."""
 
-    def __init__(self, images: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
         images = np.ascontiguousarray(images)
         if not images.flags.writeable:  # torch.from_numpy warns on read-only memory
             images = images.copy()
         self.images = torch.from_numpy(images)
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
 
     def __len__(self) -> int:
         return self.images.shape[0]

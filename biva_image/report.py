@@ -26,8 +26,7 @@ def image_report(model, dataset, *, iw_samples: int, batch_size: int, seed: int,
 
     res = evaluate(model, dataset, batch_size=batch_size, seed=seed, iw_samples=iw_samples, iw_chunk=iw_chunk,
                    max_examples=max_examples, active_units=True, device=device, desc="report")
-    kl_per_group = [{"level": g["level"], "kind": g["kind"], "kl": kl}
-                    for g, kl in zip(model.group_info, res.kl_per_group)]
+    kl_per_group = res.labelled_kl_per_group(model.group_info)
     active = res.active_units or {"total": 0, "per_group": []}
     return {
         "num_params": sum(p.numel() for p in model.parameters()),
@@ -43,6 +42,8 @@ def image_report(model, dataset, *, iw_samples: int, batch_size: int, seed: int,
         "active_units": {"total": active["total"], "per_group": active["per_group"]},
         "active_groups": sum(1 for n in active["per_group"] if n > 0),
         "num_groups": len(kl_per_group),
+        "noise_seed": seed,
+        "subset": res.subset,  # {"size", "of", "seed", "stratified"}, or None: the whole split
     }
 
 
@@ -57,9 +58,13 @@ def _fmt(value, spec: str = ".4f") -> str:
 def format_report(report: dict) -> str:
     """The report as a plain-text table for the terminal."""
     K = report["iw_samples"]
+    subset = report.get("subset")
+    drawn = "" if not subset else (f" (a draw of {subset['size']} of {subset['of']}, seed {subset['seed']}"
+                                   + (", stratified by class)" if subset["stratified"] else ")"))
     lines = [
         f"{report.get('model', '?')} ({report.get('preset', '?')} preset, L={report.get('levels', '?')}), "
-        f"{report['num_params'] / 1e6:.2f}M parameters, {report['num_examples']} images of the {report.get('data', '?')}",
+        f"{report['num_params'] / 1e6:.2f}M parameters, {report['num_examples']} images of the {report.get('data', '?')}"
+        + drawn,
         f"  {'bound':<14}{'nats/image':>12}{'bits/dim':>10}",
         f"  {'ELBO L_1':<14}{_fmt(report['nats_elbo'], '.2f'):>12}{_fmt(report['bits_per_dim_elbo']):>10}",
     ]

@@ -54,6 +54,7 @@ class SplitData:
     images: "object"  # uint8 (N, C, H, W) numpy array
     name: str  # what to call it in messages and tables, e.g. "test split of data/"
     shape: tuple[int, int, int]
+    labels: "object" = None  # int64 (N,) numpy array, or None when the source has no classes
 
 
 def run_data_config(run: RunConfig, data_dir: str | Path | None = None):
@@ -83,15 +84,18 @@ def load_split(data_cfg, split: str, fallback_all: bool = False) -> SplitData:
     splits = load_image_splits(data_cfg)
     where = data_cfg.data_dir or data_cfg.dataset
     images = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+    labels = {"train": splits.train_labels, "valid": splits.valid_labels, "test": splits.test_labels}[split]
     if images is None or len(images) == 0:
         if fallback_all:
-            parts = [a for a in (splits.train, splits.valid, splits.test) if a is not None and len(a)]
-            return SplitData(np.concatenate(parts), f"all images of {where}", splits.shape)
+            parts = [(a, lab) for a, lab in ((splits.train, splits.train_labels), (splits.valid, splits.valid_labels),
+                                             (splits.test, splits.test_labels)) if a is not None and len(a)]
+            all_labels = None if any(lab is None for _, lab in parts) else np.concatenate([lab for _, lab in parts])
+            return SplitData(np.concatenate([a for a, _ in parts]), f"all images of {where}", splits.shape, all_labels)
         raise UserError(f"{where} has no {split} split (an image folder needs a {split}/ subfolder for it); "
                         f"pass --split valid")
     # with --valid-size 0 the validation images were trained on: say so wherever they are scored
     note = " (a seeded subset of train)" if split == "valid" and splits.valid_from == "train" else ""
-    return SplitData(images, f"{split} split of {where}{note}", splits.shape)
+    return SplitData(images, f"{split} split of {where}{note}", splits.shape, labels)
 
 
 def check_shape(data: SplitData, model_shape, what: str) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from shared.distributions import HashedNoise
 from shared.errors import UserError
-from shared.evaluate import evaluate
+from shared.evaluate import evaluate, subset_indices
 from shared.run_dir import latest_checkpoint, load_weights, read_run_config
 
 from .data import TextDataConfig, prepare_text_data
@@ -70,8 +70,8 @@ def mutual_information(model, dataset, *, seed: int = 0, batch_size: int = MI_BA
                        progress: bool = True) -> float:
     """He et al. (2019)'s estimate of I(x; z) in nats, over all latent groups (see the module doc)."""
     device = device or next(model.parameters()).device
-    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    chosen = subset_indices(len(dataset), max_examples, seed, getattr(dataset, "labels", None))
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False)
     total, count = 0.0, 0
     for b, batch in enumerate(tqdm(loader, desc="mutual information", leave=False, disable=not progress)):
         if max_batches is not None and b >= max_batches:
@@ -124,10 +124,11 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         "num_sentences": N,
         "num_tokens": int(tokens),
         "likelihood_exact": not has_latents,
+        "noise_seed": seed,
+        "subset": res.subset,  # {"size", "of", "seed", "stratified"}, or None: the whole split
     }
     if has_latents:
-        report["kl_per_group"] = [{"level": g["level"], "kind": g["kind"], "kl": kl}
-                                  for g, kl in zip(model.group_info, res.kl_per_group)]
+        report["kl_per_group"] = res.labelled_kl_per_group(model.group_info)
         report["active_units"] = res.active_units
         report["mutual_info"] = mutual_information(model, dataset, seed=seed, max_examples=max_examples,
                                                    max_batches=mi_batches, device=device)

@@ -32,7 +32,9 @@ def parse_args(argv=None):
     d = p.add_argument_group("data")
     d.add_argument("--split", choices=["train", "valid", "test"], default="test", help="split to evaluate (default test)")
     d.add_argument("--data-dir", type=Path, help="read the images here instead of the run's recorded data")
-    d.add_argument("--max-examples", type=positive_int, help="evaluate only the first N images of each set (default all)")
+    d.add_argument("--max-examples", type=positive_int,
+                   help="evaluate N images of each set, a random draw seeded by --seed and stratified by class "
+                        "where the data have labels (default all)")
     b = p.add_argument_group("bounds")
     b.add_argument("--iw-samples", type=nonneg_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 0 skips it)")
@@ -40,7 +42,8 @@ def parse_args(argv=None):
                    help="importance samples per forward pass; memory grows with it, not with K (default 100)")
     b.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per forward pass (x --iw-chunk for L_K) (default 32)")
-    b.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise (default 0)")
+    b.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the evaluation noise and of the --max-examples draw (default 0)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default auto: cuda when available)")
     a = p.add_argument_group("anomaly detection (paper Table 6)")
@@ -100,6 +103,7 @@ def main(argv=None) -> dict:
     from biva_image.report import format_report, image_report, report_path
     from biva_image.runs import check_shape, load_image_model, load_split, pick_device, run_data_config
     from shared.config import write_json_atomic
+    from shared.evaluate import subset_info
     from shared.run_dir import latest_checkpoint
 
     # Every input is checked before the first (slow) evaluation and before anything is written.
@@ -112,7 +116,7 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)
 
-    in_set = ImageDataset(data.images)
+    in_set = ImageDataset(data.images, data.labels)
     kw = dict(batch_size=args.batch_size, seed=args.seed, max_examples=args.max_examples, device=device,
               iw_chunk=args.iw_chunk)
     report = {"run": str(args.run), "split": args.split, "data": data.name, "preset": run.preset,
@@ -120,11 +124,13 @@ def main(argv=None) -> dict:
               "likelihood": model.cfg.likelihood, "seed": args.seed}
     latest = latest_checkpoint(args.run)
     report["step"] = latest[0] if latest else None
+    report["weights"] = "ema"  # model.safetensors: the EMA weights of the checkpoint at "step"
     report.update(image_report(model, in_set, iw_samples=args.iw_samples, **kw))
     if ood is not None:
         report["ood"] = ood.name
-        report["anomaly"] = anomaly_curve(model, in_set, ImageDataset(ood.images), ood_k,
-                                          iw_samples=args.ood_iw_samples, **kw)
+        ood_set = ImageDataset(ood.images, ood.labels)
+        report["ood_subset"] = subset_info(len(ood_set), args.max_examples, args.seed, ood_set.labels)
+        report["anomaly"] = anomaly_curve(model, in_set, ood_set, ood_k, iw_samples=args.ood_iw_samples, **kw)
 
     path = report_path(args.run, args.split)
     write_json_atomic(path, report)

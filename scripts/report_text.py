@@ -32,10 +32,12 @@ def parse_args(argv=None):
     p.add_argument("--iw-samples", type=positive_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 1 gives the ELBO again)")
     p.add_argument("--iw-chunk", type=positive_int, default=100, help="importance samples per forward pass (memory, default 100)")
-    p.add_argument("--max-sentences", type=positive_int, help="evaluate the first N sentences of the split (default: all)")
+    p.add_argument("--max-sentences", type=positive_int,
+                   help="evaluate N sentences of the split, a random draw seeded by --seed (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences per evaluation batch (default 64)")
     p.add_argument("--mi-batches", type=nonneg_int, help="minibatches of 64 for the mutual information (default: all)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="evaluation seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the evaluation noise and of the --max-sentences draw (default 0)")
     p.add_argument("--json", type=Path, help="also write the report JSON here")
     p.add_argument("--cache-dir", type=Path, help="token store cache (default: the run's, or ~/.cache/biva/text)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -62,7 +64,8 @@ def main(argv=None) -> dict:
     if len(split) == 0:
         raise UserError(f"the {args.split} split of {args.run} is empty; choose another --split")
     report = {"run": str(args.run), "model": model.cfg.model, "preset": run.preset, "split": args.split,
-              "step": run_step(args.run), "seed": args.seed}
+              "step": run_step(args.run), "seed": args.seed,
+              "weights": "ema"}  # model.safetensors: the EMA weights of the checkpoint at "step"
     report.update(text_report(model, TextDataset(split), iw_samples=args.iw_samples, batch_size=args.batch_size,
                               seed=args.seed, max_examples=args.max_sentences, mi_batches=args.mi_batches,
                               iw_chunk=args.iw_chunk, device=torch.device(device)))

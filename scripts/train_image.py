@@ -147,8 +147,8 @@ def main(argv=None) -> None:
         images = ema_model.sample(64, mode="sample").cpu().numpy()
         save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png")
 
-    trainer = Trainer(run, lambda: ImageVAE(model_cfg), ImageDataset(splits.train), ImageDataset(splits.valid),
-                      out, resume=args.resume, on_evaluate=on_evaluate)
+    trainer = Trainer(run, lambda: ImageVAE(model_cfg), ImageDataset(splits.train, splits.train_labels),
+                      ImageDataset(splits.valid, splits.valid_labels), out, resume=args.resume, on_evaluate=on_evaluate)
     if state.is_main_process:
         n_params = sum(p.numel() for p in trainer.raw_model.parameters())
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "

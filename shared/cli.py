@@ -78,7 +78,9 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     t.add_argument("--seed", type=nonneg_int, help="seed of the training noise and data order")
     t.add_argument("--split-seed", type=nonneg_int, help="seed of the train/validation/test carving (default 0)")
     t.add_argument("--eval-every", type=positive_int, help="validate every N optimiser steps")
-    t.add_argument("--eval-examples", type=positive_int, help="validation examples per evaluation (default: all)")
+    t.add_argument("--eval-examples", type=positive_int,
+                   help="validate on this many examples: one fixed random subset drawn from the config's eval_seed, "
+                        "stratified by class where the data have labels (default: all)")
     t.add_argument("--eval-batch-size", type=positive_int, help="batch size of evaluation")
     t.add_argument("--save-every", type=positive_int, help="checkpoint every N optimiser steps")
     t.add_argument("--keep-checkpoints", type=positive_int, help="keep the last N checkpoints")

@@ -119,7 +119,7 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int | None = None  # default: the training micro-batch
     eval_examples: int | None = None  # cap on validation examples per evaluation (None: all)
-    eval_seed: int = 0
+    eval_seed: int = 0  # validation noise, and the fixed subset of eval_examples
     ema_decay: float = 0.9995
     free_bits: float | None = None  # lambda per group (images); overrides free_bits_budget
     free_bits_budget: float = 0.0  # total budget B in nats, split over the groups (text)

@@ -23,19 +23,35 @@ SIGMA_MIN = 1e-3  # floor of every Gaussian scale: keeps log-densities finite ea
 _M32 = 0xFFFFFFFF
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
-    # Avalanche round on 32-bit values held in int64. Multipliers are odd and < 2^31, so products
-    # stay below 2^63 and never overflow.
-    h = h ^ (h >> 16)
-    h = (h * 0x5BD1E995) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0x27D4EB2F) & _M32
-    h = h ^ (h >> 16)
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 with the same bits (torch has no uint64 arithmetic)."""
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >> 63 else c
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MUL1, _MUL2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(h: torch.Tensor, s: int) -> torch.Tensor:
+    # Logical right shift: int64 ``>>`` is arithmetic, so mask off the copies of the sign bit.
+    return (h >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(h: torch.Tensor) -> torch.Tensor:
+    # SplitMix64's finaliser: a bijection of 64-bit values with full avalanche. Products wrap
+    # modulo 2^64 (two's complement), which is what the hash wants. In place after the first
+    # step: the tensors are as large as the noise drawn.
+    h = h ^ _shr(h, 30)
+    h.mul_(_MUL1)
+    h ^= _shr(h, 27)
+    h.mul_(_MUL2)
+    h ^= _shr(h, 31)
     return h
 
 
-def _combine(h: torch.Tensor, v) -> torch.Tensor:
-    return _mix((h + v + 0x165667B1) & _M32)
+def _absorb(h: torch.Tensor, v) -> torch.Tensor:
+    return _mix64(h + _GOLDEN + v)  # a bijection of v for a fixed h: distinct ids, distinct keys
 
 
 class TrainNoise:
@@ -64,27 +80,39 @@ class HashedNoise:
         self.sample_ids = torch.zeros_like(self.example_ids) if sample_ids is None else sample_ids.long()
 
     def _bits(self, shape, key: int, stream: int, device) -> torch.Tensor:
+        """32 random bits (as int64 in [0, 2^32)) per element of ``shape``.
+
+        Each row gets a 64-bit key from (seed, key, example, sample, stream); element e of the row is
+        mix64(row_key ^ mix64(e)). Two rows share a run of values only if their keys differ by the
+        XOR of two scrambled element indices at every position of the run: chance level, 2^-64 per
+        pair, not the shifted copies that a key plus a plain counter gives.
+        """
         rows = self.example_ids.to(device)
-        h = _combine(torch.full_like(rows, self.seed), int(key) & _M32)
-        h = _combine(h, rows & _M32)
-        h = _combine(h, self.sample_ids.to(device) & _M32)
-        h = _combine(h, stream)
+        h = _absorb(torch.full_like(rows, self.seed), int(key) & _M32)
+        h = _absorb(h, rows)
+        h = _absorb(h, self.sample_ids.to(device))
+        h = _absorb(h, stream)
         n = int(math.prod(shape[1:]))
-        elem = torch.arange(n, device=device, dtype=torch.int64)
-        bits = _combine(h[:, None], elem[None, :])
+        elem = _mix64(torch.arange(n, device=device, dtype=torch.int64) + _GOLDEN)
+        bits = _shr(_mix64(h[:, None] ^ elem[None, :]), 32)  # the high half: SplitMix64's best bits
         return bits.view(shape)
 
     def per_example(self) -> "HashedNoise":
         """The same noise for every importance sample of an example (e.g. its binarisation)."""
         return HashedNoise(self.seed, self.example_ids)
 
+    @staticmethod
+    def _unit(bits: torch.Tensor) -> torch.Tensor:
+        # 23 bits: (k + 0.5) / 2^23 is exact in float32, so the value lies strictly in (0, 1) (with 24
+        # bits the top value rounded to 1.0).
+        return ((bits >> 9).float() + 0.5) / float(1 << 23)
+
     def uniform(self, shape, key: int, device) -> torch.Tensor:
-        bits = self._bits(shape, key, 1, device)
-        return ((bits >> 8).double() + 0.5).float() / float(1 << 24)  # in (0, 1)
+        return self._unit(self._bits(shape, key, 1, device))
 
     def normal(self, shape, key: int, device, dtype=torch.float32) -> torch.Tensor:
         u1 = self.uniform(shape, key, device)
-        u2 = ((self._bits(shape, key, 2, device) >> 8).float() + 0.5) / float(1 << 24)
+        u2 = self._unit(self._bits(shape, key, 2, device))
         z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)  # Box–Muller
         return z.to(dtype)
 

@@ -31,7 +31,7 @@ from . import run_dir as rd
 from .debug_hooks import Faults, dump_state
 from .distributions import TrainNoise
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, subset_info
 from .free_bits import FreeBitsSchedule, free_bits_kl
 from .model import LatentVariableModel
 
@@ -220,6 +220,10 @@ class Trainer:
         self.window = LogWindow()
         self._stop_signal: str | None = None
         self.eval_batch_size = cfg.eval_batch_size or max(self.plan.micro, 1)
+        subset = subset_info(len(valid_set), cfg.eval_examples, cfg.eval_seed, getattr(valid_set, "labels", None))
+        if subset is not None and self.is_main:  # the same examples at every validation (evaluate draws them)
+            print(f"validation: a fixed subset of {subset['size']} of {subset['of']} examples drawn with eval_seed "
+                  f"{subset['seed']}" + (", stratified by class" if subset["stratified"] else ""), file=sys.stderr)
         self.resumed_from: int | None = None
         if resume:
             self._resume()

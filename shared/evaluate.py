@@ -1,12 +1,15 @@
-"""Evaluation over a whole dataset, sharded over processes without duplicates or drops.
+"""Evaluation over a whole dataset (or a seeded subset of it), sharded over processes without
+duplicates or drops.
 
-Each process takes the examples ``rank, rank + world, ...``; sums are reduced across processes and
-noise is keyed per example, so the figures equal the single-process ones on the same weights.
+Each process takes the examples ``rank, rank + world, ...`` of the chosen ones; sums are reduced
+across processes and noise is keyed per example, so the figures equal the single-process ones on the
+same weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -21,11 +24,18 @@ class EvalResult:
     num_dims: float  # sub-pixels or tokens, summed over the examples
     elbo: float  # mean L_1 (or L^{>k}) in nats per example
     kl: float  # mean total KL in nats per example
-    kl_per_group: list[float]
+    kl_per_group: list[float]  # the groups inferred from the data: those of ``groups``
     iw: float | None = None  # mean L_K in nats per example
     iw_samples: int = 0
     active_units: dict | None = None
     per_example: dict = field(default_factory=dict)  # name -> (N,) tensor in example order
+    groups: list[int] = field(default_factory=list)  # model.group_info indices of kl_per_group (levels > k)
+    subset: dict | None = None  # subset_info of the examples scored; None: the whole dataset
+
+    def labelled_kl_per_group(self, group_info: list[dict]) -> list[dict]:
+        """``[{"level", "kind", "kl"}]`` for the reported groups (CONTRACTS.md ``kl_per_group``)."""
+        return [{"level": group_info[g]["level"], "kind": group_info[g]["kind"], "kl": kl}
+                for g, kl in zip(self.groups, self.kl_per_group)]
 
     @property
     def bits_per_dim_elbo(self) -> float:
@@ -40,9 +50,38 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def shard_indices(n: int, rank: int, world: int, limit: int | None = None) -> list[int]:
-    n = n if limit is None else min(n, limit)
-    return list(range(rank, n, world))
+def subset_indices(n: int, size: int | None, seed: int, labels=None) -> np.ndarray:
+    """Sorted indices of ``size`` of ``n`` examples, drawn at random from ``seed`` (all of them when
+    ``size`` is None or >= n). Never the first N: data often come sorted by class.
+
+    With ``labels`` (one per example) the draw is stratified: each class gets its proportional share,
+    rounded by largest remainder (ties broken at random), so per-class counts are within 1 of
+    ``size * class_count / n``.
+    """
+    if size is None or size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 0x5EB5E7])  # its own stream: not the carving's permutations
+    if labels is None:
+        return np.sort(rng.permutation(n)[:size])
+    labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).reshape(-1)
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} examples")
+    classes, members_of = np.unique(labels, return_inverse=True)
+    counts = np.bincount(members_of, minlength=len(classes))
+    quota = size * counts / n
+    take = np.floor(quota).astype(np.int64)
+    order = rng.permutation(len(classes))  # random tie-break, then largest remainder first
+    order = order[np.argsort(-(quota - take)[order], kind="stable")]
+    take[order[: size - int(take.sum())]] += 1
+    chosen = [rng.permutation(np.flatnonzero(members_of == c))[:t] for c, t in enumerate(take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def subset_info(n: int, size: int | None, seed: int, labels=None) -> dict | None:
+    """What a report says about ``subset_indices(n, size, seed, labels)``: None for all examples."""
+    if size is None or size >= n:
+        return None
+    return {"size": int(size), "of": int(n), "seed": int(seed), "stratified": labels is not None}
 
 
 def _gather_per_example(accelerator, index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,13 +106,20 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, acceler
              iw_samples: int = 0, iw_chunk: int = 100, k: int = 0, max_examples: int | None = None,
              active_units: bool = False, per_example: bool = False, desc: str = "eval",
              num_workers: int = 0, device=None, progress: bool = True) -> EvalResult:
-    """L_1 (or L^{>k}), optionally L_K and active units, over ``dataset`` (dropout off)."""
+    """L_1 (or L^{>k}), optionally L_K and active units, over ``dataset`` (dropout off).
+
+    ``max_examples`` scores a subset drawn by ``subset_indices`` from ``seed`` (the seed of the
+    noise too), stratified by ``dataset.labels`` when the dataset has them; every process draws the
+    same subset and takes its share.
+    """
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = device or (accelerator.device if accelerator else next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    subset = Subset(dataset, shard_indices(len(dataset), rank, world, max_examples))
+    labels = getattr(dataset, "labels", None)
+    chosen = subset_indices(len(dataset), max_examples, seed, labels)
+    subset = Subset(dataset, chosen[rank::world].tolist())
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         generator=torch.Generator())  # leaves the global RNG of training untouched
     G = model.num_groups
@@ -111,12 +157,17 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, acceler
             au.squares = [m[m.numel() // 2:] for m in merged]
             au.count = int(sums[0].item())
     count = max(int(sums[0].item()), 1)
+    # Groups of levels <= k are drawn from the prior in L^{>k}: their "KL" would be -log p(z).
+    groups = [g for g, info in enumerate(model.group_info) if info["level"] > k]
+    kl_sums = sums[4:][groups] if G else sums[4:]
     result = EvalResult(
         num_examples=int(sums[0].item()),
         num_dims=float(sums[1].item()),
         elbo=float(sums[2].item() / count),
-        kl=float(sums[4:].sum().item() / count) if G else 0.0,
-        kl_per_group=[float(v / count) for v in sums[4:].tolist()],
+        kl=float(kl_sums.sum().item() / count) if G else 0.0,
+        kl_per_group=[float(v / count) for v in kl_sums.tolist()],
+        groups=groups,
+        subset=subset_info(len(dataset), max_examples, seed, labels),
         iw=float(sums[3].item() / count) if iw_samples else None,
         iw_samples=iw_samples,
         active_units=au.result() if au is not None else None,

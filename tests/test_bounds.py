@@ -8,7 +8,7 @@ from torch import nn
 from core_utils import ArrayDataset, stripes, tiny_image_config
 
 from biva_image.model import ImageVAE
-from shared.bounds import bits_per_dim, elbo, iw_bound
+from shared.bounds import bits_per_dim, elbo, iw_bound, repeat_batch
 from shared.distributions import Gaussian, HashedNoise, standard_normal_like
 from shared.evaluate import evaluate
 from shared.model import LatentVariableModel, ModelOutput
@@ -125,7 +125,12 @@ def test_elbo_and_iw_bound_against_exact_likelihood():
     x = torch.linspace(-3, 3, 13).view(13, 1)
     b = {"index": torch.arange(13), "x": x}
     exact = model.exact_log_px(x)
-    l1 = torch.stack([elbo(model, b, seed=s).bound() for s in range(200)]).mean(0)
+    # L_1 averaged over 20,000 samples per point: the standard error (0.003 nats) is well below the
+    # smallest true gap KL(q || p(z|x)) = 0.031 nats, so the checks below do not hang on luck.
+    n = 20_000
+    rep = repeat_batch(b, n)
+    noise = HashedNoise(0, rep["index"], torch.arange(n).repeat(13))
+    l1 = model(rep, noise).bound().view(13, n).mean(1)
     assert (l1 < exact).all()
     l1000 = torch.stack([iw_bound(model, b, 1000, seed=s, chunk_size=250) for s in range(4)]).mean(0)
     assert (exact - l1).min() > 0.01  # a real gap for the importance samples to close

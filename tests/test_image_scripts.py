@@ -143,6 +143,9 @@ def test_report_json_has_the_contract_keys_with_finite_values(world, report):
     au = saved["active_units"]
     assert len(au["per_group"]) == 5 and au["total"] == sum(au["per_group"])
     assert (world["run"] / "report-test-kl.png").is_file() and (world["run"] / "report-test-anomaly.png").is_file()
+    # which weights, noise and examples produced the figures
+    assert saved["weights"] == "ema" and saved["step"] == 40 and saved["noise_seed"] == saved["seed"] == 0
+    assert saved["subset"] is None and saved["ood_subset"] is None  # whole test split, whole OOD folder
 
 
 def test_report_anomaly_rows(report):
@@ -150,8 +153,12 @@ def test_report_anomaly_rows(report):
     rows = result["anomaly"]
     assert [r["k"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert set(r) == {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc"} and r["iw_samples"] == 1
+        assert set(r) == {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc", "kl_per_group"} and r["iw_samples"] == 1
         assert 0.0 <= r["auroc"] <= 1.0 and math.isfinite(r["bpd_in"]) and math.isfinite(r["bpd_ood"])
+        # L^{>k} infers only the groups of levels > k; the ones below come from the prior and have no KL
+        assert [g["level"] for g in r["kl_per_group"]] == [g["level"] for g in result["kl_per_group"]
+                                                         if g["level"] > r["k"]]
+    assert rows[0]["kl_per_group"] == result["kl_per_group"]  # L^{>0} is the ELBO
     # L^{>0} with one sample is the ELBO, on the same noise.
     assert rows[0]["bpd_in"] == pytest.approx(result["bits_per_dim_elbo"], abs=1e-9)
     # Uniform noise is far less likely than the bars the model was trained on.
@@ -165,6 +172,9 @@ def test_report_numbers_do_not_depend_on_the_batch_size(world, tmp_path):
     for key in ("nats_elbo", "nats_iw", "kl"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
     assert a["num_examples"] == 20 and (world["run"] / "report-valid.json").is_file()
+    # a seeded draw of 20 validation images (the folder has no classes: not stratified)
+    assert a["subset"] == b["subset"] and a["subset"]["size"] == 20 and a["subset"]["of"] > 20
+    assert a["subset"]["seed"] == 0 and a["subset"]["stratified"] is False
 
 
 def test_compare_image_table_and_plot(world, report, tmp_path):

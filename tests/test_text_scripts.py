@@ -143,6 +143,7 @@ def test_report_json_and_table(biva_run, corpus, tmp_path, capsys):
     assert set(report["active_units"]) == {"total", "per_group"} and len(report["active_units"]["per_group"]) == 5
     assert 0.0 - 0.5 <= report["mutual_info"] <= math.log(64) + 0.5
     assert (biva_run / "kl-per-group-test.png").stat().st_size > 1000
+    assert report["weights"] == "ema" and report["noise_seed"] == report["seed"] == 0 and report["subset"] is None
     assert "| biva-lstm |" in out and f"{report['nll_elbo']:.2f}" in out
 
 
@@ -155,6 +156,7 @@ def test_report_of_the_language_model_has_null_latent_keys_and_compare_tables_ru
                                       "--max-sentences", "20"], capsys)[0] == 0
     vae = json.loads((vae_run / "report-valid.json").read_text())
     assert vae["num_sentences"] == 20 and len(vae["kl_per_group"]) == 1 and vae["kl_per_group"][0]["kind"] == "top"
+    assert vae["subset"] == {"size": 20, "of": 48, "seed": 0, "stratified": False} and vae["weights"] == "ema"
     code, out, err = run_script("compare_text", [str(lm_run), str(vae_run), "--split", "valid"], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
