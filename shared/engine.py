@@ -313,7 +313,7 @@ class Trainer:
                 raise error
             raise RuntimeError(f"process {failures[0][0]} failed while {doing}: {failures[0][2]}")
         if self.is_main:
-            print(f"stopped: {self._disk_full_message(full[0], doing)}", file=sys.stderr)
+            tqdm.write(f"stopped: {self._disk_full_message(full[0], doing)}", file=sys.stderr)  # below the bar
         raise SystemExit(STORAGE_EXIT_CODE)
 
     def _disk_full_message(self, failure: tuple, doing: str) -> str:
