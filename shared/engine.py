@@ -4,7 +4,8 @@ The same loop trains every model of both modalities with ``python``, ``accelerat
 ``torchrun``: Adamax, EMA weights for evaluation and export, gradient accumulation, mixed precision,
 free bits on plateau, update skipping on non-finite or huge gradients, periodic validation over the
 whole validation set, atomic checkpoints through ``save_state`` and an exact ``--resume``
-(mid-epoch data position, RNG, EMA, free-bits state).
+(mid-epoch data position, RNG, EMA, free-bits state) from the newest checkpoint whose files match the
+checksums recorded when it was saved; a full disk stops the run and loses nothing.
 """
 from __future__ import annotations
 
@@ -388,8 +389,9 @@ class Trainer:
         problem = None
         if self.is_main:
             try:  # checkpoints written before manifests existed are loaded unchecked
-                problem = rd.checkpoint_damage(path, "manifest" in json.loads((path / "trainer_state.json").read_text()))
-            except (ValueError, UnicodeDecodeError):
+                marked = "manifest" in json.loads((path / "trainer_state.json").read_text())
+                problem = rd.checkpoint_damage(path, expect_manifest=marked)
+            except (ValueError, TypeError, UnicodeDecodeError):
                 problem = rd.checkpoint_damage(path, True) or "trainer_state.json: not valid JSON"
         problem = agree(problem)
         if problem is not None:
