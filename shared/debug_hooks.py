@@ -14,6 +14,9 @@ attempts (1-based, skipped ones included) for the first four, optimiser steps fo
   folder and before the rename
 - ``kill-renamed@N``: SIGKILL after checkpoint N is renamed into place, before the weights are exported
 - ``kill-eval@N``: SIGKILL during the validation of step N, once its record is logged
+- ``enospc-save@N``: the disk fills up while checkpoint N is written: a partial file is left in the
+  temporary folder and ``OSError(ENOSPC)`` is raised (on every process, or on RANK only)
+- ``enospc-export@N``: the same while the weights of checkpoint N are exported, after its rename
 
 ``BIVA_DUMP_DIR``: when training ends or is preempted, every process writes its trained and EMA
 weights (``rank<R>.safetensors``) and its step, data position and free-bits state (``rank<R>.json``),
@@ -21,12 +24,14 @@ so a test can check that all processes hold the same state.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 from pathlib import Path
 
-KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "kill-saved", "kill-renamed", "kill-eval")
+KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
+         "enospc-export")
 
 
 class Faults:
@@ -47,6 +52,12 @@ class Faults:
     def kill_if(self, kind: str, n: int) -> None:
         if (kind, n) in self.active:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def disk_full_if(self, kind: str, n: int, path: Path) -> None:
+        """As a writer on a full disk: part of ``path`` written, then ENOSPC."""
+        if (kind, n) in self.active:
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def dump_state(trainer) -> None:

@@ -4,7 +4,8 @@ The same loop trains every model of both modalities with ``python``, ``accelerat
 ``torchrun``: Adamax, EMA weights for evaluation and export, gradient accumulation, mixed precision,
 free bits on plateau, update skipping on non-finite or huge gradients, periodic validation over the
 whole validation set, atomic checkpoints through ``save_state`` and an exact ``--resume``
-(mid-epoch data position, RNG, EMA, free-bits state).
+(mid-epoch data position, RNG, EMA, free-bits state) from the newest checkpoint whose files match the
+checksums recorded when it was saved; a full disk stops the run and loses nothing.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .free_bits import FreeBitsSchedule, free_bits_kl
 from .model import LatentVariableModel
 
 PREEMPT_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by signal" (130 after SIGINT)
+STORAGE_EXIT_CODE = 74  # EX_IOERR (sysexits.h): a checkpoint or the weights could not be written (disk full)
 
 
 def use_cpu() -> bool:
@@ -225,6 +227,7 @@ class Trainer:
             print(f"validation: a fixed subset of {subset['size']} of {subset['of']} examples drawn with eval_seed "
                   f"{subset['seed']}" + (", stratified by class" if subset["stratified"] else ""), file=sys.stderr)
         self.resumed_from: int | None = None
+        self.exported_step: int | None = None  # whose EMA weights model.safetensors holds, once known
         if resume:
             self._resume()
 
@@ -249,57 +252,165 @@ class Trainer:
         if (final / "trainer_state.json").is_file():
             return final
         tmp = root / f".tmp_step_{self.state.step}"
-        if self.is_main:
+        writing = f"writing checkpoint {final}"
+
+        def make_folder():
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            ema_state = self.ema.state_dict()
+
+        def save_state():
+            acc.save_state(str(tmp))
+            self.faults.disk_full_if("enospc-save", self.state.step, tmp / f"random_states_{acc.process_index}.pkl")
+
+        def finish():
             save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-            # Written last: a step_N folder with trainer_state.json is a complete checkpoint.
             with open(tmp / "trainer_state.json", "w") as f:
-                json.dump(self._trainer_state(), f, indent=2)
+                json.dump({**self._trainer_state(), "manifest": rd.MANIFEST}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
+            rd.write_manifest(tmp)  # last: the checksums of every file above
             self.faults.kill_if("kill-saved", self.state.step)
             if final.exists():  # an incomplete leftover of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the checkpoint exists only once it is complete
+
+        def export():
             self.faults.kill_if("kill-renamed", self.state.step)
+            self.faults.disk_full_if("enospc-export", self.state.step, self.output_dir / (rd.WEIGHTS + ".tmp"))
             rd.export_weights(self.output_dir, ema_state)
+            self.exported_step = self.state.step
             rd.prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+
+        # Each stage ends in a collective that tells every process whether any failed, so that a full disk
+        # on one process stops all of them instead of leaving the others waiting in a collective.
+        ema_state = self.ema.state_dict()
+        self._write_stage(make_folder if self.is_main else None, writing)
+        self._write_stage(save_state, writing)
+        self._write_stage(finish if self.is_main else None, writing)
+        self._write_stage(export if self.is_main else None, f"exporting the weights of checkpoint {final}")
         return final
+
+    def _write_stage(self, write: Callable[[], None] | None, doing: str) -> None:
+        """Run ``write`` (on the processes that have one), then agree on failures across processes.
+        A full disk (or quota) stops every process with one line and STORAGE_EXIT_CODE, after the
+        temporary files are removed; any other error is raised again where it happened."""
+        error = None
+        if write is not None:
+            try:
+                write()
+            except Exception as err:  # noqa: BLE001  (re-raised below, once every process knows)
+                error = err
+        failures = [(self.accelerator.process_index, getattr(error, "errno", None) if rd.is_disk_full(error) else None,
+                     str(error), getattr(error, "filename", None))] if error else []
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            failures = [f for f in gather_object([failures[0] if failures else None]) if f is not None]
+        if not failures:
+            return
+        if self.is_main:
+            shutil.rmtree(self.output_dir / rd.CHECKPOINTS / f".tmp_step_{self.state.step}", ignore_errors=True)
+            (self.output_dir / (rd.WEIGHTS + ".tmp")).unlink(missing_ok=True)
+        full = [f for f in failures if f[1] is not None]
+        if not full:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"process {failures[0][0]} failed while {doing}: {failures[0][2]}")
+        if self.is_main:
+            tqdm.write(f"stopped: {self._disk_full_message(full[0], doing)}", file=sys.stderr)  # below the bar
+        raise SystemExit(STORAGE_EXIT_CODE)
+
+    def _disk_full_message(self, failure: tuple, doing: str) -> str:
+        rank, number, _, filename = failure
+        what = os.strerror(number).lower() + (f" on process {rank}" if self.accelerator.num_processes > 1 else "")
+        latest = rd.latest_checkpoint(self.output_dir)
+        need = f"a checkpoint takes about {rd.folder_size(latest[1]) / 1e6:.1f} MB, " if latest else ""
+        free = shutil.disk_usage(self.output_dir).free / 1e6
+        if latest is None:
+            kept = "no checkpoint is complete yet (the resume starts over)"
+        else:
+            kept = f"the last good checkpoint {latest[1]} (step {latest[0]}) is intact"
+        weights = self.output_dir / rd.WEIGHTS
+        if self.exported_step is not None:
+            kept += f" and {weights} holds the weights of step {self.exported_step}, intact"
+            if latest is not None and latest[0] != self.exported_step:
+                kept += " (the resume exports the checkpoint's)"
+        elif weights.is_file():
+            kept += f" and {weights} is unchanged"
+        return (f"{what} ({filename or self.output_dir}) while {doing}; {need}{free:.1f} MB free there; {kept}; "
+                f"free some space, then resume with: {self.resume_command}")
 
     def _resume(self) -> None:
         saved = rd.read_run_config(self.output_dir)
         if saved.modality != self.run.modality or saved.model != self.run.model:
             raise UserError(f"{self.output_dir} was made by a different model ({saved.modality}, preset "
                             f"{saved.preset}); resume with the same settings or choose a new --output-dir")
-        latest = rd.latest_checkpoint(self.output_dir)
-        if latest is None:
+        found = rd.checkpoints(self.output_dir)
+        if not found:
             return  # stopped before its first checkpoint: start over with the saved config
-        step, path = latest
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("model") != self.run.model:
-            raise UserError(f"checkpoint {path} was written by a different model; choose a new --output-dir")
-        self.accelerator.load_state(str(path))  # weights, optimiser and every process's RNG
-        ema_state = load_file(str(path / "ema.safetensors"))
-        self.ema.load_state_dict({k: v.to(self.accelerator.device) for k, v in ema_state.items()})
+        damaged = []
+        for step, path in reversed(found):  # the newest intact checkpoint
+            state = self._load_checkpoint(path)
+            if isinstance(state, dict):
+                break
+            damaged.append((path, state))
+        else:
+            raise UserError(f"cannot resume: every checkpoint in {self.output_dir / rd.CHECKPOINTS} is damaged ("
+                            + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+                            + "); remove that folder to start the run over, or choose a new --output-dir")
         self.state = TrainState(**state["train"])
         self.free_bits.load_state_dict(state["free_bits"])
         if "log_window" in state:
             self.window.load_state_dict(state["log_window"])
         self.resumed_from = step
-        if self.is_main:
+        ema_state = self.ema.state_dict()
+
+        def tidy():
+            for bad, why in damaged:  # kept for inspection, out of the way of latest_checkpoint and pruning
+                aside = rd.set_aside(bad)
+                print(f"warning: checkpoint {bad} is damaged ({why}); moved it aside to {aside.name}; using an older "
+                      f"checkpoint", file=sys.stderr)
             print(f"resuming from {path} (step {step})", file=sys.stderr)
             rd.truncate_metrics(self.output_dir, step, state.get("metrics_bytes"))
             # A run killed between the rename and the export left older weights at the top.
             rd.export_weights(self.output_dir, ema_state)
-        self.accelerator.wait_for_everyone()
+            self.exported_step = step
+
+        self._write_stage(tidy if self.is_main else None, f"resuming from checkpoint {path}")
+
+    def _load_checkpoint(self, path: Path) -> dict | str:
+        """Load a checkpoint into the model, optimiser, RNG and EMA and return its trainer state, or say
+        what is damaged in it. The main process checks the files against the manifest; every process
+        then loads; all take the same decision."""
+        from accelerate.utils import gather_object
+
+        def agree(problem: str | None) -> str | None:
+            if self.accelerator.num_processes > 1:
+                problem = next((p for p in gather_object([problem]) if p is not None), None)
+            return problem
+
+        problem = None
+        if self.is_main:
+            try:  # checkpoints written before manifests existed are loaded unchecked
+                marked = "manifest" in json.loads((path / "trainer_state.json").read_text())
+                problem = rd.checkpoint_damage(path, expect_manifest=marked)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                problem = rd.checkpoint_damage(path, True) or "trainer_state.json: not valid JSON"
+        problem = agree(problem)
+        if problem is not None:
+            return problem
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("model") != self.run.model:
+            raise UserError(f"checkpoint {path} was written by a different model; choose a new --output-dir")
+        try:
+            self.accelerator.load_state(str(path))  # weights, optimiser and every process's RNG
+            ema_state = load_file(str(path / "ema.safetensors"))
+            self.ema.load_state_dict({k: v.to(self.accelerator.device) for k, v in ema_state.items()})
+        except Exception as err:  # noqa: BLE001  (a checkpoint older than manifests, damaged)
+            problem = f"loading it failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        problem = agree(problem)
+        return state if problem is None else problem
 
     def _handle_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:  # second signal: stop now

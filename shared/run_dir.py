@@ -6,6 +6,8 @@ the functions that move tensors, so the command line can check a run directory i
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -20,6 +22,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"  # in each checkpoint: size and sha256 of every other file, recorded at save
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 if TYPE_CHECKING:
@@ -73,8 +76,11 @@ def check_resumable(run_dir: str | Path, modality: str | None = None, preset: st
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         path = latest[1]
-        state = read_json(path / "trainer_state.json", "checkpoint state")
-        if not isinstance(state, dict) or state.get("model") != run.model:
+        try:
+            state = read_json(path / "trainer_state.json", "checkpoint state")
+        except UserError:
+            state = None  # damaged: the engine finds it against the manifest and falls back to an older one
+        if state is not None and (not isinstance(state, dict) or state.get("model") != run.model):
             raise UserError(f"checkpoint {path} was written by a different model than {run_dir / CONFIG} "
                             f"(another preset or model flags); remove that checkpoint or choose a new --output-dir")
     return run
@@ -88,7 +94,11 @@ def export_weights(run_dir: Path, state: dict[str, "torch.Tensor"]) -> None:
     from safetensors.torch import save_file
 
     tmp = run_dir / (WEIGHTS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous export stays the only one
+        raise
     os.replace(tmp, run_dir / WEIGHTS)
 
 
@@ -122,6 +132,68 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file of a checkpoint being written, so that a file damaged
+    later (truncated, corrupted) is found on --resume instead of being loaded."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_damage(path: Path, expect_manifest: bool) -> str | None:
+    """What is wrong with a checkpoint's files (``"FILE: what"``), or None if they match its manifest.
+    A checkpoint written before manifests existed (``expect_manifest`` False and none there) is not
+    checked."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return f"{MANIFEST}: missing" if expect_manifest else None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{MANIFEST}: unreadable"
+    for name, size, _ in entries:  # sizes first: a truncated file is found without reading the others
+        if not (path / name).is_file():
+            return f"{name}: missing"
+        if (path / name).stat().st_size != size:
+            return f"{name}: {(path / name).stat().st_size} bytes, {size} when saved"
+    for name, _, digest in entries:
+        if _sha256(path / name) != digest:
+            return f"{name}: contents differ from the checksum recorded when it was saved"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the ``step_N`` names (kept for inspection, never deleted):
+    ``checkpoints``, ``latest_checkpoint`` and pruning no longer see it, and step N can be saved again."""
+    path = Path(path)
+    aside, n = path.with_name(path.name + ".damaged"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+    os.replace(path, aside)
+    return aside
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

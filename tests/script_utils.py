@@ -100,4 +100,5 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     root = Path(run_dir) / "checkpoints"
-    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+    return sorted(int(p.name[5:]) for p in root.glob("step_*")
+                  if p.name[5:].isdigit() and (p / "trainer_state.json").is_file())  # not step_N.damaged
