@@ -81,7 +81,8 @@ def probe_hub(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
             status = get_session().head(endpoint, timeout=timeout, follow_redirects=False).status_code
             result.append(None if status < 500 else f"it answered HTTP {status}")
         except Exception as err:  # any failure to get an answer means the same to the user
-            result.append(_first_line(err) or type(err).__name__)
+            text = str(err).strip()
+            result.append(text.splitlines()[0][:200] if text else type(err).__name__)
 
     thread = threading.Thread(target=head, name="hub-probe", daemon=True)
     thread.start()
@@ -118,8 +119,3 @@ def _go_offline() -> None:
 
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""

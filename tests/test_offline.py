@@ -65,7 +65,8 @@ def _prepare_cached_copy(home, repo_id: str) -> None:
         text = pathlib.Path({str(home)!r}) / "lines.txt"
         text.write_text("".join(f"sentence number {{i}} .\\n" for i in range(50)))
         datasets.load_dataset("text", data_files={{"train": str(text)}}, split="train")
-        built = [p for p in glob.glob(str(datasets.config.HF_DATASETS_CACHE / "text" / "*" / "*" / "*")) if os.path.isdir(p)][0]
+        pattern = str(datasets.config.HF_DATASETS_CACHE / "text" / "*" / "*" / "*")
+        built = [p for p in glob.glob(pattern) if os.path.isdir(p)][0]
         name = "{repo_id.split('/')[1]}"
         copy = datasets.config.HF_DATASETS_CACHE / "{repo_id.replace('/', '___')}" / "default" / "0.0.0" / "0123abcd"
         shutil.copytree(built, copy)
@@ -122,7 +123,8 @@ def test_the_cache_folder_is_the_one_datasets_reads(tmp_path, monkeypatch):
 
     for name in ("cifar10", "TinyLines", "GATE-engine", "img_align_CelebA", "MNIST"):
         assert hub._snake(name) == camelcase_to_snakecase(name), name
-    code = "import datasets.config, shared.hub; print(datasets.config.HF_DATASETS_CACHE); print(shared.hub.datasets_cache_dir())"
+    code = ("import datasets.config, shared.hub; print(datasets.config.HF_DATASETS_CACHE); "
+            "print(shared.hub.datasets_cache_dir())")
     for extra in ({"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {"HF_HOME": str(tmp_path / "home"),
                                                               "HF_DATASETS_CACHE": str(tmp_path / "ds")}):
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")}
@@ -132,8 +134,9 @@ def test_the_cache_folder_is_the_one_datasets_reads(tmp_path, monkeypatch):
         assert theirs == ours, extra
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
     assert hub.cached_dataset_dirs("Someone/TinyLines") == []
-    (tmp_path / "ds" / "Someone___tiny_lines" / "default" / "0.0.0" / "abc").mkdir(parents=True)
-    assert hub.cached_dataset_dirs("Someone/TinyLines") == [str(tmp_path / "ds" / "Someone___tiny_lines" / "default" / "0.0.0" / "abc")]
+    prepared = tmp_path / "ds" / "Someone___tiny_lines" / "default" / "0.0.0" / "abc"  # datasets' folder for it
+    prepared.mkdir(parents=True)
+    assert hub.cached_dataset_dirs("Someone/TinyLines") == [str(prepared)]
 
 
 def test_offline_is_declared_as_datasets_reads_it(monkeypatch):
