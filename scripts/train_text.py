@@ -123,8 +123,9 @@ def attach_kl_warmup(trainer, steps: int) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # A new run on hub text trains its tokenizer on it first thing: check the hub before importing torch.
     fresh = not args.resume and not (args.output_dir and (args.output_dir / "tokenizer.model").exists())
-    if fresh and not args.train_files:  # its tokenizer is trained on hub text: check the hub before importing torch
+    if fresh and not args.train_files and args.dataset != "files":
         from biva_text.names import DEFAULT_DATASET, HUB_ALIASES, HUB_FIX
         from shared.hub import require_hub_dataset
 
