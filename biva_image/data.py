@@ -461,6 +461,10 @@ def _walk_files(root: Path) -> list[Path]:
 
 
 def _convert_hub(recipe: _Recipe) -> dict:
+    from shared.hub import require_hub_dataset
+
+    fix = "download it elsewhere and point --data-dir at a local copy (parquet files or an image folder)"
+    require_hub_dataset(recipe.hub_id, fix)  # offline: fail now, not after half a minute of retries
     import datasets
 
     parts = {}
@@ -468,8 +472,7 @@ def _convert_hub(recipe: _Recipe) -> dict:
         try:
             table = datasets.load_dataset(recipe.hub_id, recipe.hub_config, split=hub_split)
         except Exception as err:  # offline, gated, renamed: all fixed the same way by the user
-            raise UserError(f"could not fetch {recipe.hub_id} (offline?); download it elsewhere and point "
-                            f"--data-dir at a local copy (parquet files or an image folder) [{_first_line(err)}]") from None
+            raise UserError(f"could not fetch {recipe.hub_id} (offline?); {fix} [{_first_line(err)}]") from None
         parts[split] = _convert_table(recipe, table, len(table), f"the {hub_split} split of {recipe.hub_id}", split)
     return parts
 

@@ -13,3 +13,9 @@ PRESET_BY_SIZE = {28: "binary", 32: "cifar10", 64: "celeba64"}
 # al.): train_image.py defaults to --valid-size 0 for them (validation on a seeded subset of train).
 # The others carve their validation split out of train unless the source has one. Our choice.
 FULL_TRAIN_DATASETS = ("cifar10", "mnist", "omniglot")
+
+# Sample and reconstruction grids are enlarged (nearest) until every image is at least this many
+# pixels on its shorter side: readable on a screen, and 64x64 images stay at their own size.
+MIN_TILE_PX = 64
+GRID_SCALE_HELP = (f"enlarge the grid this many times, pixels repeated (default auto: the smallest factor that makes "
+                   f"every image at least {MIN_TILE_PX} px on its shorter side; 1 keeps the native size)")

@@ -62,12 +62,11 @@ from tqdm.auto import tqdm
 
 from shared.errors import UserError
 
+from .names import DEFAULT_DATASET, HUB_ALIASES, HUB_FIX
 from .tokenizer import EOS_ID, MODEL_TYPES, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
 
 SPLITS = ("train", "valid", "test")
 _CODE = {name: code for code, name in enumerate(SPLITS)}  # split of a sentence, as uint8
-# The old script dataset `bookcorpus/bookcorpus` no longer loads: same text, plain files.
-HUB_ALIASES = {"bookcorpus": "rojagtap/bookcorpus", "bookcorpus/bookcorpus": "rojagtap/bookcorpus"}
 # Lines in the hub copies we know: the held-out fraction of a stream is size / this.
 _HUB_LINES = {"rojagtap/bookcorpus": 74_004_228}
 # Plain-text hub copies: read by the `text` builder, which accepts `encoding_errors`.
@@ -80,7 +79,7 @@ _STORE_FORMAT = 1
 
 @dataclass
 class TextDataConfig:
-    dataset: str = "bookcorpus"  # hub id (or alias) read as plain text; "files" when train_files is given
+    dataset: str = DEFAULT_DATASET  # hub id (or alias) read as plain text; "files" when train_files is given
     train_files: list[str] = field(default_factory=list)  # local text files, one sentence per line
     valid_files: list[str] = field(default_factory=list)
     test_files: list[str] = field(default_factory=list)
@@ -454,6 +453,9 @@ class _HubSource(_Source):
 
     def _open(self) -> Iterator[list[str]]:
         try:
+            from shared.hub import require_hub_dataset
+
+            require_hub_dataset(self.hub_id, HUB_FIX)  # offline: fail now, not after half a minute of retries
             from datasets import load_dataset
 
             kwargs = {"encoding_errors": "replace"} if self.hub_id in _PLAIN_TEXT_HUB else {}
@@ -472,7 +474,7 @@ class _HubSource(_Source):
         return self._lines(itertools.chain([first], batches))
 
     def _fetch_error(self) -> UserError:
-        return UserError(f"could not fetch {self.hub_id}; download the text files and pass --train-files")
+        return UserError(f"could not fetch {self.hub_id}; {HUB_FIX}")
 
     def _lines(self, batches: Iterator[dict]) -> Iterator[list[str]]:
         counts, left = self._counts, self.cfg.max_sentences

@@ -9,3 +9,8 @@ KL_SCHEDULES = ("free-bits", "warmup")
 DEFAULT_KL_SCHEDULE = {"biva-lstm": "free-bits", "biva": "free-bits", "rnn-vae": "warmup", "lstm-lm": None}
 TEXT_PRESETS = ("paper", "small", "tiny")
 TOKENIZERS = ("word", "unigram")
+# The hub text read when no --train-files are given. The old script dataset `bookcorpus/bookcorpus`
+# no longer loads: same text, plain files.
+DEFAULT_DATASET = "bookcorpus"
+HUB_ALIASES = {"bookcorpus": "rojagtap/bookcorpus", "bookcorpus/bookcorpus": "rojagtap/bookcorpus"}
+HUB_FIX = "download the text files and pass --train-files"  # ends every "could not fetch" error

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
+from biva_image.names import GRID_SCALE_HELP  # noqa: E402
+from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, help="read the images here instead of the run's recorded data")
     p.add_argument("--output", choices=["sample", "mean"], default="mean",
                    help="draw x ~ p(x|z), or take its mean (default mean)")
+    p.add_argument("--scale", type=auto_or_positive_int, default=None, metavar="N|auto", help=GRID_SCALE_HELP)
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the latent and pixel noise (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default auto: cuda when available)")
@@ -76,7 +78,7 @@ def main(argv=None) -> Path:
     if model.cfg.likelihood == "bernoulli":  # show what the model saw: the binarised inputs
         rows[0] = (model.binarized(x, HashedNoise(args.seed, batch["index"]).per_example()) * 255).to(torch.uint8).cpu()
     out = args.out or args.run / "samples" / "recon.png"
-    save_grid(torch.cat(rows).numpy(), out, ncol=n)
+    save_grid(torch.cat(rows).numpy(), out, ncol=n, scale=args.scale)
     print(f"{n} images from the {data.name}: inputs (top row), reconstructions from levels > "
           f"{', '.join(map(str, args.from_level))} below -> {out}")
     return out

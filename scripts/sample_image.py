@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.cli import ArgumentParser, nonneg_int, positive_float, positive_int  # noqa: E402
+from biva_image.names import GRID_SCALE_HELP  # noqa: E402
+from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--output", choices=["sample", "mean"], default="sample",
                    help="draw x ~ p(x|z), or take its mean (default sample)")
     p.add_argument("--ncol", type=positive_int, help="images per row of the grid (default: a square grid)")
+    p.add_argument("--scale", type=auto_or_positive_int, default=None, metavar="N|auto", help=GRID_SCALE_HELP)
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the latent and pixel noise (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images drawn per forward pass (default 64)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -61,7 +63,7 @@ def main(argv=None) -> Path:
         noise = HashedNoise(args.seed, torch.arange(start, start + n, device=device))
         images.append(model.sample(n, temperature=args.latent_temperature, mode=args.output, noise=noise).cpu())
     out = args.out or args.run / "samples" / "samples.png"
-    save_grid(torch.cat(images).numpy(), out, ncol=args.ncol)
+    save_grid(torch.cat(images).numpy(), out, ncol=args.ncol, scale=args.scale)
     print(f"{args.num} samples (latent temperature {args.latent_temperature}, output {args.output}) -> {out}")
     return out
 

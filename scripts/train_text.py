@@ -123,6 +123,14 @@ def attach_kl_warmup(trainer, steps: int) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # A new run on hub text trains its tokenizer on it first thing: check the hub before importing torch.
+    fresh = not args.resume and not (args.output_dir and (args.output_dir / "tokenizer.model").exists())
+    if fresh and not args.train_files and args.dataset != "files":
+        from biva_text.names import DEFAULT_DATASET, HUB_ALIASES, HUB_FIX
+        from shared.hub import require_hub_dataset
+
+        dataset = args.dataset or DEFAULT_DATASET
+        require_hub_dataset(HUB_ALIASES.get(dataset, dataset), HUB_FIX)
     # Heavy imports only after the flags are known to be good.
     from biva_text.data import TextDataConfig, TextDataset, prepare_text_data
     from biva_text.decode import DecodeOptions, sample_prior, to_text

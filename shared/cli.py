@@ -62,6 +62,16 @@ open_fraction = _number(float, 0.0, 1.0, low_open=True, name="a number in (0, 1]
 any_int = _number(int, name="an integer")
 
 
+def auto_or_positive_int(text: str) -> int | None:
+    """'auto' (returned as None: the program chooses) or a positive integer."""
+    if text == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+
+
 def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality: str | None = None) -> None:
     """The engine's flags, identical in every training script. Unset flags keep the preset's value.
     With ``modality``, --resume of another modality's run fails while parsing."""

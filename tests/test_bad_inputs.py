@@ -144,6 +144,10 @@ CASES = [
     ("reconstruct-image-level", lambda w, f: ["reconstruct_image.py", "--run", w / "image_run", "--from-level", "-1"],
      r"--from-level"),
     ("reconstruct-image-split", lambda w, f: ["reconstruct_image.py", "--run", w / "image_run", "--split", "dev"], r"--split"),
+    ("sample-image-scale-zero", lambda w, f: ["sample_image.py", "--run", w / "image_run", "--scale", "0"],
+     r"--scale.*'auto' or a positive integer"),
+    ("reconstruct-image-scale-word", lambda w, f: ["reconstruct_image.py", "--run", w / "image_run", "--scale", "big"],
+     r"--scale.*'big'"),
     ("report-image-iw-samples", lambda w, f: ["report_image.py", "--run", w / "image_run", "--iw-samples", "x"], r"--iw-samples"),
     ("report-image-run-below-file", lambda w, f: ["report_image.py", "--run", w / "afile" / "run"], r"afile"),
     ("report-image-ood-dataset", lambda w, f: ["report_image.py", "--run", w / "image_run", "--ood-dataset", "nope"],
@@ -229,7 +233,7 @@ def _out_of_range(kind):
     from shared import cli
 
     return {cli.positive_int: "0", cli.nonneg_int: "-1", cli.positive_float: "0", cli.nonneg_float: "-0.5",
-            cli.fraction: "1.5", cli.open_fraction: "0"}.get(kind)
+            cli.fraction: "1.5", cli.open_fraction: "0", cli.auto_or_positive_int: "0"}.get(kind)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

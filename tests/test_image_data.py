@@ -166,6 +166,7 @@ def test_omniglot_from_hub_is_inverted_resized_and_test_carved_per_character(tmp
         return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("shared.hub.require_hub_dataset", lambda repo_id, fix: None)  # this hub answers
     splits = load_image_splits(_cfg(tmp_path, dataset="omniglot", valid_size=1000))
 
     assert calls == [("GATE-engine/omniglot", None, "full")]
@@ -184,6 +185,7 @@ def test_hub_dataset_offline_is_a_user_error_naming_data_dir(tmp_path, monkeypat
         raise ConnectionError("Couldn't reach 'uoft-cs/cifar10' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("shared.hub.require_hub_dataset", lambda repo_id, fix: None)  # the hub answered, the data not
     with pytest.raises(UserError) as info:
         load_image_splits(_cfg(tmp_path, dataset="cifar10"))
     message = str(info.value)

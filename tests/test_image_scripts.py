@@ -23,6 +23,7 @@ from shared.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8
+AUTO = 8  # the default grid scale of 8-pixel images: each shown 64 pixels wide (MIN_TILE_PX)
 
 
 def _script(name: str):
@@ -86,6 +87,26 @@ def test_training_writes_a_sample_grid_every_evaluation(world):
     grids = sorted((world["run"] / "samples").glob("step_*.png"))
     assert [p.name for p in grids] == ["step_0000020.png", "step_0000040.png"]
     assert (world["run"] / "model.safetensors").is_file()
+    assert _png_size(grids[0]) == (_grid_side(8) * AUTO,) * 2  # 64 samples, enlarged like sample_image's
+
+
+def test_grids_are_enlarged_by_repeating_pixels(world, tmp_path):
+    """--scale N repeats every pixel of the native grid N times (nearest neighbour, nothing blurred);
+    the default, auto, enlarges 8-pixel images 8 times."""
+    run = str(world["run"])
+    paths = {scale: sample_image.main(["--run", run, "--num", "16", "--out", str(tmp_path / f"s{scale}.png"),
+                                       "--scale", scale]) for scale in ("1", "3", "auto")}
+    native = np.asarray(Image.open(paths["1"]))
+    assert native.shape == (_grid_side(4), _grid_side(4))
+    for scale, factor in (("3", 3), ("auto", AUTO)):
+        big = np.asarray(Image.open(paths[scale]))
+        assert big.shape == (native.shape[0] * factor, native.shape[1] * factor)
+        assert np.array_equal(big, native.repeat(factor, axis=0).repeat(factor, axis=1))
+        assert np.array_equal(big[::factor, ::factor], native)
+    recon = {scale: np.asarray(Image.open(reconstruct_image.main(
+        ["--run", run, "--num", "4", "--out", str(tmp_path / f"r{scale}.png"), "--scale", scale])))
+        for scale in ("1", "2")}
+    assert np.array_equal(recon["2"], recon["1"].repeat(2, axis=0).repeat(2, axis=1))
 
 
 def test_sample_image_writes_a_seeded_grid(world, tmp_path):
@@ -95,8 +116,8 @@ def test_sample_image_writes_a_seeded_grid(world, tmp_path):
                            "--batch-size", "5"])
     c = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "c.png"), "--seed", "4"])
     mean = sample_image.main(["--run", run, "--num", "12", "--out", str(tmp_path / "m.png"), "--output", "mean",
-                              "--latent-temperature", "0.5", "--ncol", "6"])
-    assert _png_size(a) == (_grid_side(4), _grid_side(3))  # 12 images: 4 per row, 3 rows
+                              "--latent-temperature", "0.5", "--ncol", "6", "--scale", "1"])
+    assert _png_size(a) == (_grid_side(4) * AUTO, _grid_side(3) * AUTO)  # 12 images: 4 per row, 3 rows
     assert _png_size(mean) == (_grid_side(6), _grid_side(2))
     pixels = {p: np.asarray(Image.open(p)) for p in (a, b, c)}
     assert np.array_equal(pixels[a], pixels[b])  # same seed: same draws, whatever the batching
@@ -105,7 +126,7 @@ def test_sample_image_writes_a_seeded_grid(world, tmp_path):
 
 def test_reconstruct_image_puts_inputs_above_reconstructions(world, tmp_path):
     out = reconstruct_image.main(["--run", str(world["run"]), "--num", "6", "--out", str(tmp_path / "r.png"),
-                                  "--from-level", "0", "2", "--split", "test"])
+                                  "--from-level", "0", "2", "--split", "test", "--scale", "1"])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (_grid_side(3), _grid_side(6))  # inputs, k = 0, k = 2; six columns
     test_images = _bars(48, seed=1)

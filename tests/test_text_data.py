@@ -323,6 +323,7 @@ def fake_hub(monkeypatch, lines: list[str], calls: list):
         return datasets.IterableDataset.from_generator(lambda: ({"text": line} for line in lines))
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("shared.hub.require_hub_dataset", lambda repo_id, fix: None)  # this hub answers
 
 
 def test_hub_stream_is_read_once_and_carved_by_seeded_hash(tmp_path, monkeypatch):
@@ -361,6 +362,7 @@ def test_unreachable_hub_is_a_user_error(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'rojagtap/bookcorpus' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("shared.hub.require_hub_dataset", lambda repo_id, fix: None)  # the hub answered, the data not
     with pytest.raises(UserError) as err:
         quiet_prepare(TextDataConfig(), tmp_path / "run", tmp_path / "cache")
     assert str(err.value) == "could not fetch rojagtap/bookcorpus; download the text files and pass --train-files"
