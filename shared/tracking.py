@@ -166,12 +166,13 @@ class Tracking:
                     continue
                 if isinstance(value, (list, tuple)):
                     # Indented: a Markdown code block keeps one sample per line in TensorBoard's text view.
-                    text = "\n".join("    " + line for line in value)
-                    self._call(tracker, tracker.log, {tag: text}, step=step)
+                    indent = "    " if tracker.name == "tensorboard" else ""
+                    self._call(tracker, tracker.log, {tag: "\n".join(indent + line for line in value)}, step=step)
                 elif tracker.name == "tensorboard":
                     self._call(tracker, tracker.log_images, {tag: value}, step=step, dataformats="NCHW")
-                else:
-                    self._call(tracker, tracker.log_images, {tag: list(value.transpose(0, 2, 3, 1))}, step=step)
+                else:  # W&B: one (H, W) or (H, W, C) image each
+                    images = value[:, 0] if value.shape[1] == 1 else value.transpose(0, 2, 3, 1)
+                    self._call(tracker, tracker.log_images, {tag: list(images)}, step=step)
 
     def finish(self) -> None:
         # Not accelerator.end_training(): that also destroys the process group, which the caller may still use.
