@@ -179,3 +179,19 @@ def test_a_failing_tracker_is_reported_and_training_goes_on(tmp_path, monkeypatc
     assert warnings == ["warning: the tensorboard tracker failed (OSError: [Errno 28] No space left on device); "
                         "it is off for the rest of this run, metrics.jsonl is complete"]
     assert without_timing(records) == without_timing(reference)
+
+
+def test_a_tracker_that_cannot_start_is_reported_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    from accelerate.tracking import TensorBoardTracker
+
+    def broken_start(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", broken_start)
+    reference = _train(tmp_path / "reference", "none")
+    capsys.readouterr()
+    records = _train(tmp_path / "run", "tensorboard")
+    warnings = re.findall(r"warning: .*", capsys.readouterr().err)
+    assert warnings == ["warning: could not start the trackers tensorboard (PermissionError: [Errno 13] Permission "
+                        "denied); training goes on with metrics.jsonl only"]
+    assert without_timing(records) == without_timing(reference)
