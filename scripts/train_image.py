@@ -146,6 +146,7 @@ def main(argv=None) -> None:
     def on_evaluate(ema_model, step, run_dir):
         images = ema_model.sample(64, mode="sample").cpu().numpy()
         save_grid(images, Path(run_dir) / "samples" / f"step_{step:07d}.png")
+        return {"samples": images}  # for the trackers (--report-to)
 
     trainer = Trainer(run, lambda: ImageVAE(model_cfg), ImageDataset(splits.train, splits.train_labels),
                       ImageDataset(splits.valid, splits.valid_labels), out, resume=args.resume, on_evaluate=on_evaluate)

@@ -206,7 +206,9 @@ def main(argv=None) -> None:
         tokens = sample_prior(ema_model, SAMPLES_PER_EVAL, DecodeOptions(method="sample", seed=0))
         path = Path(run_dir) / "samples" / f"step_{step}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(to_text(tokenizer, tokens)) + "\n")
+        sentences = to_text(tokenizer, tokens)
+        path.write_text("\n".join(sentences) + "\n")
+        return {"samples": sentences}  # for the trackers (--report-to)
 
     trainer = Trainer(run, lambda: build_text_model(model_cfg), TextDataset(splits.train), TextDataset(splits.valid),
                       out, resume=args.resume, on_evaluate=on_evaluate)

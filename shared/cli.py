@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import UserError
+from .tracking import REPORT_TO
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -79,6 +80,10 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     g.add_argument("--preset", choices=presets, help="named configuration; the flags below override its fields")
     g.add_argument("--output-dir", type=Path, help="run directory (default: runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--report-to", choices=REPORT_TO,
+                   help="experiment trackers besides metrics.jsonl: tensorboard (event files in "
+                        "RUN/tensorboard/), wandb, mlflow, all (every one installed) or none (default: tensorboard "
+                        "when it is installed, else none; saved in config.json, kept on --resume)")
     t = p.add_argument_group("training (defaults come from the preset)")
     t.add_argument("--max-steps", type=positive_int, help="optimiser steps to train for (skipped updates do not count)")
     t.add_argument("--epochs", type=positive_int, help="epochs to train for, when --max-steps is not given")
@@ -114,6 +119,7 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     s.add_argument("--num-workers", type=nonneg_int, help="data loader worker processes")
     if isinstance(p, ArgumentParser):
         p.checks.append(lambda args: check_run_flags(args, modality))
+        p.checks.append(check_report_to)
 
 
 def check_run_flags(args: argparse.Namespace, modality: str | None = None) -> None:
@@ -128,6 +134,21 @@ def check_run_flags(args: argparse.Namespace, modality: str | None = None) -> No
         check_output_dir(args.output_dir, args.resume)
         if args.resume:
             check_resumable(args.output_dir, modality, getattr(args, "preset", None))
+
+
+def check_report_to(args: argparse.Namespace) -> None:
+    """The trackers' packages must be installed. A new run without --report-to records the resolved
+    default; a resumed one keeps the tracker saved in its config.json."""
+    from .run_dir import read_run_config
+    from .tracking import default_report_to, resolve
+
+    if args.report_to is None and args.resume:
+        saved = read_run_config(args.output_dir).train.report_to
+        resolve(saved, f"the run's report_to {saved} (config.json)")
+        return
+    if args.report_to is None:
+        args.report_to = default_report_to()
+    resolve(args.report_to)
 
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]

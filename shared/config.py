@@ -117,6 +117,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
+    report_to: str = "none"  # trackers besides metrics.jsonl (shared/tracking.py); the CLI defaults to tensorboard
     eval_batch_size: int | None = None  # default: the training micro-batch
     eval_examples: int | None = None  # cap on validation examples per evaluation (None: all)
     eval_seed: int = 0  # validation noise, and the fixed subset of eval_examples

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import run_dir as rd
+from . import tracking
 from .debug_hooks import Faults, dump_state
 from .distributions import TrainNoise
 from .errors import UserError
@@ -170,6 +171,7 @@ class Trainer:
                  train_set: Dataset, valid_set: Dataset, output_dir: str | Path, resume: bool = False,
                  on_evaluate: Callable | None = None, resume_command: str | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         self.run, self.cfg = run, run.train
         self.output_dir = Path(output_dir)
@@ -178,11 +180,15 @@ class Trainer:
         self.resume_command = resume_command or default_resume_command()
         cfg = self.cfg
         process_state()
+        self.tracker_names = tracking.resolve(cfg.report_to, f"report_to {cfg.report_to}")
         self.accelerator = Accelerator(
             cpu=use_cpu(),
             mixed_precision=cfg.mixed_precision,
             dynamo_backend="inductor" if cfg.compile else None,
             step_scheduler_with_optimizer=False,
+            log_with=self.tracker_names or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / tracking.LOG_DIR)),
         )
         acc = self.accelerator
         if acc.device.type == "cuda":
@@ -230,6 +236,7 @@ class Trainer:
         self.exported_step: int | None = None  # whose EMA weights model.safetensors holds, once known
         if resume:
             self._resume()
+        self._start_tracking(resume)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -239,6 +246,24 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.is_main:
             rd.append_metrics(self.output_dir, record)
+            self.tracking.log(record)  # after the source of truth is written
+
+    def _start_tracking(self, resume: bool) -> None:
+        """Trackers, once the resumed checkpoint is known. TensorBoard hides what the interrupted launch
+        logged from that step on, so the records of that step left in metrics.jsonl, and the samples of an
+        evaluation there, are logged again (tracking.py)."""
+        resumed = self.resumed_from if resume else None
+        had_events = (self.output_dir / tracking.LOG_DIR).is_dir()
+        self.tracking = tracking.Tracking(self.accelerator, self.tracker_names, self.output_dir, self.run.to_json(),
+                                          resumed_from=resumed)
+        if resumed is None or self.tracking.log_dir is None:
+            return
+        # A run that starts reporting on --resume gets its earlier scalars too.
+        again = [r for r in rd.read_metrics(self.output_dir) if r.get("step", 0) >= (resumed if had_events else 0)]
+        for record in again:
+            self.tracking.log(record, only="tensorboard")
+        if any(r.get("split") == "valid" for r in again):
+            self._evaluate_hook(only="tensorboard")
 
     def _trainer_state(self) -> dict:
         return {"train": vars(self.state), "free_bits": self.free_bits.state_dict(),
@@ -439,6 +464,12 @@ class Trainer:
                           "per_group": self.free_bits.per_group})
                 if self.is_main:
                     tqdm.write(message)
+        self._evaluate_hook()
+        self.accelerator.wait_for_everyone()
+        return record
+
+    def _evaluate_hook(self, only: str | None = None) -> None:
+        """``on_evaluate`` on the main process; what it returns (samples, see Tracking.log_media) goes to the trackers."""
         if self.on_evaluate is not None and self.is_main:
             # Its own seeded RNG: samples are the same after a resume, and drawing them never moves the
             # training noise (which would make a run depend on whether samples are written).
@@ -446,9 +477,8 @@ class Trainer:
             with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [],
                                        device_type=device.type if device.type != "cpu" else None):
                 torch.manual_seed(self.cfg.eval_seed * 1_000_003 + self.state.step)
-                self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
-        self.accelerator.wait_for_everyone()
-        return record
+                media = self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
+            self.tracking.log_media(media, self.state.step, only=only)
 
     # ------------------------------------------------------------------ training
     def _loader(self):
@@ -588,6 +618,7 @@ class Trainer:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self.tracking.finish()
         dump_state(self)
         return {"step": self.state.step, "valid": last_record, "skipped_total": self.state.skipped_total}
 
