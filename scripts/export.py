@@ -31,7 +31,7 @@ TOKENIZER = "tokenizer.model"
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True,
+    p.add_argument("--run", required=True,
                    help="run directory of a training script (its --output-dir), an exported folder or a hub id")
     p.add_argument("--to", type=Path, required=True, help="the model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --to (default: refuse)")

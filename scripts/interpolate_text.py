@@ -27,7 +27,7 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("first", help="the sentence to start from")
     p.add_argument("second", help="the sentence to end at")
     p.add_argument("--steps", type=positive_int, default=8, help="sentences on the path, both ends included (default 8)")

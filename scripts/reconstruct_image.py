@@ -25,7 +25,7 @@ from shared.errors import UserError, run_cli  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
+    p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--num", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/recon.png; ./NAME/samples/ for a hub or read-only RUN)")
     p.add_argument("--from-level", type=nonneg_int, nargs="+", default=[0], metavar="K",

@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--input", type=Path, help="text file, one sentence per line (default: standard input)")
     p.add_argument("--from-level", type=nonneg_int, default=0,
                    help="draw latent levels <= k from the prior, keep the posterior above (default 0)")

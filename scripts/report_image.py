@@ -29,7 +29,7 @@ from shared.errors import UserError, run_cli  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
+    p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     d = p.add_argument_group("data")
     d.add_argument("--split", choices=["train", "valid", "test"], default="test", help="split to evaluate (default test)")
     d.add_argument("--data-dir", type=Path, help="read the images here instead of the run's recorded data")

@@ -28,7 +28,7 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to evaluate (default test)")
     p.add_argument("--iw-samples", type=positive_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 1 gives the ELBO again)")

@@ -193,3 +193,15 @@ def test_an_unresponsive_hub_fails_within_its_metadata_timeout(monkeypatch):
         with pytest.raises(UserError, match="nobody/biva-x"):
             resolve_run("nobody/biva-x")
     assert time.monotonic() - started < 10
+
+
+def test_a_path_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from shared.run_dir import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").mkdir()
+    assert resolve_run("owner/name").resolve() == tmp_path / "owner" / "name"  # the local folder wins
+    for text in ("./runs/missing", str(tmp_path / "runs" / "missing"), "runs/missing/"):
+        with pytest.raises(UserError, match="is not a directory"):
+            resolve_run(text)
