@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from shared.distributions import HashedNoise
 from shared.errors import UserError
 from shared.evaluate import evaluate, subset_indices
-from shared.run_dir import latest_checkpoint, load_weights, read_run_config
+from shared.run_dir import load_weights, read_run_config, run_step  # noqa: F401  (run_step re-exported)
 
 from .data import TextDataConfig, prepare_text_data
 from .model import TextModelConfig, build_text_model, num_params
@@ -133,11 +133,6 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         report["mutual_info"] = mutual_information(model, dataset, seed=seed, max_examples=max_examples,
                                                    max_batches=mi_batches, device=device)
     return report
-
-
-def run_step(run_dir: str | Path) -> int | None:
-    latest = latest_checkpoint(Path(run_dir))
-    return latest[0] if latest else None
 
 
 def plot_kl_per_group(report: dict, path: str | Path, title: str = "") -> None:

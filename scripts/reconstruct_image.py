@@ -26,9 +26,9 @@ from shared.errors import UserError, run_cli  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory of scripts/train_image.py (its --output-dir)")
+    p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--num", type=positive_int, default=16, help="number of images (default 16)")
-    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/recon.png)")
+    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/recon.png; ./NAME/samples/ for a hub or read-only RUN)")
     p.add_argument("--from-level", type=nonneg_int, nargs="+", default=[0], metavar="K",
                    help="one or more k in 0..L-1: keep the posterior of levels > k (default 0)")
     p.add_argument("--split", choices=["train", "valid", "test"], default="valid",
@@ -51,7 +51,9 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     args = parse_args(argv)
     from biva_image.runs import check_image_run
+    from shared.run_dir import output_dir, resolve_run
 
+    args.run = resolve_run(args.run)
     run = check_image_run(args.run)
     levels = run.model["ladder"]["levels"]
     bad = [k for k in args.from_level if k >= levels]
@@ -77,7 +79,7 @@ def main(argv=None) -> Path:
         rows.append(model.reconstruct(batch, noise, from_level=k, mode=args.output).cpu())
     if model.cfg.likelihood == "bernoulli":  # show what the model saw: the binarised inputs
         rows[0] = (model.binarized(x, HashedNoise(args.seed, batch["index"]).per_example()) * 255).to(torch.uint8).cpu()
-    out = args.out or args.run / "samples" / "recon.png"
+    out = args.out or output_dir(args.run) / "samples" / "recon.png"
     save_grid(torch.cat(rows).numpy(), out, ncol=n, scale=args.scale)
     print(f"{n} images from the {data.name}: inputs (top row), reconstructions from levels > "
           f"{', '.join(map(str, args.from_level))} below -> {out}")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
 from shared.cli import ArgumentParser, nonneg_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
+from shared.run_dir import resolve_run  # noqa: E402
 
 BATCH = 256
 
@@ -31,14 +32,13 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py)")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--input", type=Path, help="text file, one sentence per line (default: standard input)")
     p.add_argument("--from-level", type=nonneg_int, default=0,
                    help="draw latent levels <= k from the prior, keep the posterior above (default 0)")
     add_decoding_flags(p, "greedy")
     args = p.parse_args(argv)
-    if not args.run.is_dir():
-        p.error(f"--run {args.run} is not a directory; pass the --output-dir of a training run")
+    args.run = resolve_run(args.run)
     if args.input is not None and not args.input.is_file():
         p.error(f"--input {args.input} is not a file")
     return args

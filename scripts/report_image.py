@@ -8,7 +8,8 @@ optionally anomaly detection against an out-of-distribution set with L^{>k}.
 
 Prints a table and writes RUN/report-<split>.json (read by compare_image.py; CONTRACTS.md lists its
 keys), the --json copy if asked, RUN/report-<split>-kl.png (KL per latent group) and, with an OOD set,
-RUN/report-<split>-anomaly.png (bits/dim of both sets and AUROC against k). Likelihoods are positive
+RUN/report-<split>-anomaly.png (bits/dim of both sets and AUROC against k); for a hub id or a read-only
+RUN these go to ./NAME instead. Likelihoods are positive
 NLL: nats per image and bits/dim, lower is better. The evaluation noise is seeded per image
 (--seed), so the numbers do not depend on --batch-size.
 """
@@ -28,7 +29,7 @@ from shared.errors import UserError, run_cli  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory of scripts/train_image.py (its --output-dir)")
+    p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     d = p.add_argument_group("data")
     d.add_argument("--split", choices=["train", "valid", "test"], default="test", help="split to evaluate (default test)")
     d.add_argument("--data-dir", type=Path, help="read the images here instead of the run's recorded data")
@@ -90,7 +91,9 @@ def _load_ood(args, run):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from biva_image.runs import check_image_run
+    from shared.run_dir import output_dir, resolve_run
 
+    args.run = resolve_run(args.run)
     run = check_image_run(args.run)
     levels = run.model["ladder"]["levels"]
     ood_k = sorted(set(args.ood_k)) if args.ood_k else list(range(levels))
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
     from biva_image.runs import check_shape, load_image_model, load_split, pick_device, run_data_config
     from shared.config import write_json_atomic
     from shared.evaluate import subset_info
-    from shared.run_dir import latest_checkpoint
+    from shared.run_dir import run_step
 
     # Every input is checked before the first (slow) evaluation and before anything is written.
     data = load_split(run_data_config(run, args.data_dir), args.split)
@@ -122,8 +125,7 @@ def main(argv=None) -> dict:
     report = {"run": str(args.run), "split": args.split, "data": data.name, "preset": run.preset,
               "model": model.cfg.ladder.variant, "levels": model.cfg.ladder.levels,
               "likelihood": model.cfg.likelihood, "seed": args.seed}
-    latest = latest_checkpoint(args.run)
-    report["step"] = latest[0] if latest else None
+    report["step"] = run_step(args.run)
     report["weights"] = "ema"  # model.safetensors: the EMA weights of the checkpoint at "step"
     report.update(image_report(model, in_set, iw_samples=args.iw_samples, **kw))
     if ood is not None:
@@ -132,7 +134,8 @@ def main(argv=None) -> dict:
         report["ood_subset"] = subset_info(len(ood_set), args.max_examples, args.seed, ood_set.labels)
         report["anomaly"] = anomaly_curve(model, in_set, ood_set, ood_k, iw_samples=args.ood_iw_samples, **kw)
 
-    path = report_path(args.run, args.split)
+    out = output_dir(args.run)  # the run itself, or ./NAME for a hub or read-only one
+    path = report_path(out, args.split)
     write_json_atomic(path, report)
     written = [path]
     if args.json is not None:
@@ -140,9 +143,9 @@ def main(argv=None) -> dict:
         write_json_atomic(args.json, report)
         written.append(args.json)
     title = f"{report['model']} L={report['levels']}, {args.split}"
-    written.append(plot_kl_per_group(report["kl_per_group"], args.run / f"report-{args.split}-kl.png", title))
+    written.append(plot_kl_per_group(report["kl_per_group"], out / f"report-{args.split}-kl.png", title))
     if ood is not None:
-        written.append(plot_anomaly(report["anomaly"], args.run / f"report-{args.split}-anomaly.png",
+        written.append(plot_anomaly(report["anomaly"], out / f"report-{args.split}-anomaly.png",
                                     f"{data.name} vs {ood.name}"))
     print(format_report(report))
     print("wrote " + ", ".join(map(str, written)))

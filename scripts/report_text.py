@@ -8,7 +8,7 @@ Prints num_params, -log p(x) <= -L_1 (nats per sentence), KL and perplexity (the
 columns), then -L_K with K = --iw-samples and its perplexity, active units and the mutual
 information I(x; z) (He et al. 2019, minibatches of 64). Perplexity = exp(sum NLL / sum tokens),
 tokens counting every predicted token including end-of-sentence. Writes report-<split>.json in the
-run directory (and to --json) and a bar plot of KL per latent group, kl-per-group-<split>.png.
+run directory (./NAME for a hub id or a read-only run) (and to --json) and a bar plot of KL per latent group, kl-per-group-<split>.png.
 The data are the run's own (saved data config and tokenizer; the token cache makes this cheap).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
+from shared.run_dir import output_dir, resolve_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,7 +28,7 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py)")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to evaluate (default test)")
     p.add_argument("--iw-samples", type=positive_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 1 gives the ELBO again)")
@@ -42,8 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", type=Path, help="token store cache (default: the run's, or ~/.cache/biva/text)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = p.parse_args(argv)
-    if not args.run.is_dir():
-        p.error(f"--run {args.run} is not a directory; pass the --output-dir of a training run")
+    args.run = resolve_run(args.run)
     if args.json is not None and args.json.is_dir():
         p.error(f"--json {args.json} is a directory; give a file name")
     return args
@@ -69,12 +69,13 @@ def main(argv=None) -> dict:
     report.update(text_report(model, TextDataset(split), iw_samples=args.iw_samples, batch_size=args.batch_size,
                               seed=args.seed, max_examples=args.max_sentences, mi_batches=args.mi_batches,
                               iw_chunk=args.iw_chunk, device=torch.device(device)))
-    write_json_atomic(args.run / f"report-{args.split}.json", report)
+    out = output_dir(args.run)  # the run itself, or ./NAME for a hub or read-only one
+    write_json_atomic(out / f"report-{args.split}.json", report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, report)
     if report["kl_per_group"]:
-        plot_kl_per_group(report, args.run / f"kl-per-group-{args.split}.png",
+        plot_kl_per_group(report, out / f"kl-per-group-{args.split}.png",
                           f"{report['model']}: KL per group ({args.split})")
 
     print(f"{report['model']} ({args.run}), {args.split} split: {report['num_sentences']} sentences, "
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
         print(f"L_{report['iw_samples']}: nll <= {report['nll_iw']:.3f} nats per sentence, ppl <= {report['ppl']:.2f}; "
               f"active units {au['total']} ({', '.join(map(str, au['per_group']))}); "
               f"mutual information {report['mutual_info']:.3f} nats")
-    print(f"wrote {args.run / f'report-{args.split}.json'}" + (f" and {args.json}" if args.json else ""))
+    print(f"wrote {out / f'report-{args.split}.json'}" + (f" and {args.json}" if args.json else ""))
     return report
 
 

@@ -24,9 +24,9 @@ from shared.errors import run_cli  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory of scripts/train_image.py (its --output-dir)")
+    p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/samples.png)")
+    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/samples.png; ./NAME/samples/ for a hub or read-only RUN)")
     p.add_argument("--latent-temperature", type=positive_float, default=1.0,
                    help="scale of every prior standard deviation (default 1.0; below 1 gives smoother images)")
     p.add_argument("--output", choices=["sample", "mean"], default="sample",
@@ -46,7 +46,9 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     args = parse_args(argv)
     from biva_image.runs import check_image_run
+    from shared.run_dir import output_dir, resolve_run
 
+    args.run = resolve_run(args.run)
     run = check_image_run(args.run)  # torch-free: a wrong --run fails before torch is imported
     import torch
 
@@ -62,7 +64,7 @@ def main(argv=None) -> Path:
         # Noise keyed by (seed, image number): the same images whatever --batch-size or device.
         noise = HashedNoise(args.seed, torch.arange(start, start + n, device=device))
         images.append(model.sample(n, temperature=args.latent_temperature, mode=args.output, noise=noise).cpu())
-    out = args.out or args.run / "samples" / "samples.png"
+    out = args.out or output_dir(args.run) / "samples" / "samples.png"
     save_grid(torch.cat(images).numpy(), out, ncol=args.ncol, scale=args.scale)
     print(f"{args.num} samples (latent temperature {args.latent_temperature}, output {args.output}) -> {out}")
     return out

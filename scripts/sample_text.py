@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
 from shared.cli import ArgumentParser, positive_int  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
+from shared.run_dir import resolve_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,13 +28,12 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the run directory (--output-dir of train_text.py)")
+    p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--num", type=positive_int, default=20, help="sentences to draw (default 20)")
     p.add_argument("--output", type=Path, help="also write the sentences to this file, one per line")
     add_decoding_flags(p, "sample")
     args = p.parse_args(argv)
-    if not args.run.is_dir():
-        p.error(f"--run {args.run} is not a directory; pass the --output-dir of a training run")
+    args.run = resolve_run(args.run)
     return args
 
 

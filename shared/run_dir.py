@@ -28,6 +28,9 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 if TYPE_CHECKING:
     import torch
 
+# A hub repository id: owner/name (letters, digits, "-", "_", "."), as huggingface_hub validates it.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
 
 def check_output_dir(path: str | Path, resume: bool) -> Path:
     """Refuse a run directory that cannot be used, before anything is written."""
@@ -63,6 +66,99 @@ def read_run_config(run_dir: str | Path, modality: str | None = None) -> RunConf
         raise UserError(f"{run_dir} is {a(run.modality)} run, not {a(modality)} run; "
                         f"use the {run.modality} scripts (e.g. scripts/report_{run.modality}.py)")
     return run
+
+
+def resolve_run(text: str | Path) -> Path:
+    """The folder a script's ``--run`` names: a local run directory or exported model folder as is,
+    else a Hugging Face Hub repository id ``owner/name`` fetched (or taken from the local cache) with
+    ``huggingface_hub.snapshot_download``. Anything that fails is one UserError naming the fix."""
+    path = Path(text)
+    if path.is_dir() or path.exists() or not _HUB_ID_RE.match(str(text)):
+        if not path.is_dir():
+            raise UserError(f"--run {text} is not a directory; pass the --output-dir of a training run, a folder "
+                            f"written by scripts/export.py, or a hub repository id owner/name")
+        return path
+    return _fetch_from_hub(str(text))
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def fail(why: str) -> UserError:
+        return UserError(f"--run {repo_id} is no local directory and could not be fetched from the Hugging Face "
+                         f"Hub ({why}); check the path or the repository id, or fetch it where the hub is reachable")
+
+    revision, unreachable = None, None
+    if not constants.HF_HUB_OFFLINE:
+        # snapshot_download resolves the revision with no timeout, so an endpoint that accepts the
+        # connection and never answers would hang it: resolve it here, with the hub's metadata timeout
+        # (HF_HUB_ETAG_TIMEOUT, 10 s by default).
+        try:
+            revision = huggingface_hub.HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+        except RepositoryNotFoundError:
+            raise fail("no such repository, or a private or gated one: log in with `hf auth login`") from None
+        except Exception as err:  # unreachable: the local cache may still hold it
+            unreachable = err
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=revision is None)
+    except Exception as err:  # network, cache and validation errors of an external service: one line
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set and the local hub cache does not hold it"
+        else:
+            why = _first_line(unreachable or err) + ", and the local hub cache does not hold it"
+        raise fail(why) from None
+    return _checked_snapshot(repo_id, folder)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _checked_snapshot(repo_id: str, folder: str) -> Path:
+    path = Path(folder)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise UserError(f"hub repository {repo_id} holds no BIVA model ({CONFIG} and {WEIGHTS}); "
+                        f"pass a repository written by scripts/export.py --push-to-hub")
+    return path
+
+
+def output_dir(run_dir: str | Path) -> Path:
+    """Where a script writes what belongs beside a run (reports, plots, samples): the run directory
+    itself when it is a writable local folder; for a hub snapshot (read-only, shared by the cache) or a
+    read-only folder, ./<name> in the current directory, created."""
+    run_dir = Path(run_dir)
+    name = run_dir.name
+    if _in_hub_cache(run_dir):
+        name = run_dir.parents[1].name.split("--")[-1]  # <cache>/models--owner--name/snapshots/<sha>
+    elif os.access(run_dir, os.W_OK):
+        return run_dir
+    out = Path.cwd() / name
+    if out.resolve() == run_dir.resolve():
+        out = Path.cwd() / f"{name}-outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _in_hub_cache(path: Path) -> bool:
+    if len(path.parts) < 3 or path.parent.name != "snapshots":
+        return False
+    from huggingface_hub import constants
+
+    return path.resolve().is_relative_to(Path(constants.HF_HUB_CACHE).resolve())
+
+
+def run_step(run_dir: str | Path) -> int | None:
+    """The training step of the run's exported weights: its latest checkpoint, or for a folder written
+    by scripts/export.py (no checkpoints) the step recorded there in config.json."""
+    latest = latest_checkpoint(Path(run_dir))
+    if latest is not None:
+        return latest[0]
+    path = Path(run_dir) / CONFIG
+    step = read_json(path, "run config").get("extra", {}).get("step") if path.is_file() else None
+    return step if isinstance(step, int) else None
 
 
 def check_resumable(run_dir: str | Path, modality: str | None = None, preset: str | None = None) -> RunConfig:

@@ -2,6 +2,7 @@
 bad-input tests."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -35,6 +36,28 @@ def script_command(script: str, *args) -> list[str]:
 def run_script(script: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(script_command(script, *args), capture_output=True, text=True, cwd=ROOT,
                           env=env or script_env(), timeout=timeout)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, so that its main(argv) runs in-process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(name: str, argv: list, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of scripts/<name>.py run in-process through run_cli, as from the shell."""
+    from shared.errors import run_cli
+
+    capsys.readouterr()
+    code = 0
+    try:
+        run_cli(lambda: load_script(name).main([str(a) for a in argv]))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def torchrun_command(script: str, *args, nproc: int = 2) -> list[str]:

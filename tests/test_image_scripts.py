@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from script_utils import load_script
+
 from biva_image.anomaly import auroc
 from biva_image.model import ImageModelConfig, ImageVAE
 from shared.config import from_dict
@@ -26,17 +28,8 @@ SIZE = 8
 AUTO = 8  # the default grid scale of 8-pixel images: each shown 64 pixels wide (MIN_TILE_PX)
 
 
-def _script(name: str):
-    """scripts/<name>.py as a module, so that main(argv) runs in-process (no second torch import)."""
-    path = ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 train_image, sample_image, reconstruct_image, report_image, compare_image = (
-    _script(n) for n in ("train_image", "sample_image", "reconstruct_image", "report_image", "compare_image"))
+    load_script(n) for n in ("train_image", "sample_image", "reconstruct_image", "report_image", "compare_image"))
 
 
 def _bars(n: int, seed: int, size: int = SIZE) -> np.ndarray:

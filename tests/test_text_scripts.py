@@ -2,7 +2,6 @@
 sentences from a small grammar written to tmp files. Tiny runs are trained once per module."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -15,33 +14,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from script_utils import load_script as script
+from script_utils import run_main as run_script
+
 from shared.config import RunConfig, TrainConfig, write_json_atomic
-from shared.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ADJ = "big small red blue old young happy sad".split()
 NOUN = "cat dog bird man woman child house tree car boat".split()
 VERB = "sees likes finds wants takes".split()
-
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of a script run through run_cli, as from the shell."""
-    capsys.readouterr()
-    code = 0
-    try:
-        run_cli(lambda: script(name).main(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def grammar_sentences(n: int, seed: int) -> list[str]:
