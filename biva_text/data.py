@@ -61,6 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.errors import UserError
+from shared.run_dir import file_sha256
 
 from .names import DEFAULT_DATASET, HUB_ALIASES, HUB_FIX
 from .tokenizer import EOS_ID, MODEL_TYPES, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
@@ -626,14 +627,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "biva" / "text"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def store_fingerprint(cfg: TextDataConfig, source_description: dict, tokenizer_sha256: str) -> str:
     key = {
         "format": _STORE_FORMAT,
@@ -698,7 +691,7 @@ def prepare_text_data(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str |
     if tokenizer.model_type != cfg.tokenizer:
         raise UserError(f"{tokenizer_path} is a {tokenizer.model_type} tokenizer but --tokenizer {cfg.tokenizer} was asked; "
                         "use the run's own setting or a new --output-dir")
-    fingerprint = store_fingerprint(cfg, source.describe(), _sha256(tokenizer_path))
+    fingerprint = store_fingerprint(cfg, source.describe(), file_sha256(tokenizer_path))
     store = cache_root / fingerprint
     tokenizer_stats = {"model_type": tokenizer.model_type, "vocab_size_requested": cfg.vocab_size,
                        "vocab_size": tokenizer.vocab_size, "sample_sentences": sample_size,

@@ -230,7 +230,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -242,7 +242,7 @@ def write_manifest(folder: Path) -> None:
     """Record the size and sha256 of every file of a checkpoint being written, so that a file damaged
     later (truncated, corrupted) is found on --resume instead of being loaded."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     with open(folder / MANIFEST, "w") as f:
         json.dump({"files": files}, f, indent=1)
@@ -268,7 +268,7 @@ def checkpoint_damage(path: Path, expect_manifest: bool) -> str | None:
         if (path / name).stat().st_size != size:
             return f"{name}: {(path / name).stat().st_size} bytes, {size} when saved"
     for name, _, digest in entries:
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             return f"{name}: contents differ from the checksum recorded when it was saved"
     return None
 
