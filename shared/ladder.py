@@ -153,6 +153,26 @@ class LatentToFeatures(nn.Module):
         return self.net(z).view(z.shape[0], self.out_channels, *self.size)
 
 
+class RepeatedNoise:
+    """A noise source for a batch whose rows are each repeated n times in a row: every block of n
+    rows gets the noise its example gets in the unrepeated batch (common random numbers)."""
+
+    def __init__(self, base, n: int):
+        self.base, self.n = base, n
+
+    def _rows(self, shape) -> tuple[int, ...]:
+        return (shape[0] // self.n, *shape[1:])
+
+    def normal(self, shape, key: int, device, dtype=torch.float32) -> torch.Tensor:
+        return self.base.normal(self._rows(shape), key, device, dtype).repeat_interleave(self.n, dim=0)
+
+    def uniform(self, shape, key: int, device) -> torch.Tensor:
+        return self.base.uniform(self._rows(shape), key, device).repeat_interleave(self.n, dim=0)
+
+    def per_example(self) -> "RepeatedNoise":
+        return RepeatedNoise(self.base.per_example(), self.n)
+
+
 class Ladder(nn.Module):
     def __init__(self, cfg: LadderConfig):
         super().__init__()
@@ -243,7 +263,7 @@ class Ladder(nn.Module):
     def forward(self, e0: torch.Tensor | None, noise, *, mode: str = "posterior", k: int = 0,
                 temperature: float = 1.0, batch_size: int | None = None, analytic_kl: bool = False,
                 device=None, latents: list[torch.Tensor] | None = None,
-                y: torch.Tensor | None = None) -> LadderOutput:
+                y: torch.Tensor | None = None, repeats: int = 1) -> LadderOutput:
         """Run the ladder.
 
         mode "posterior": the inference pass; levels <= k are drawn from the conditional prior
@@ -256,6 +276,9 @@ class Ladder(nn.Module):
             (e.g. interpolation). Only with k = 0.
         ``y`` (int64 (B,) class indices) is required by a conditional ladder (num_classes > 0) and
             refused by an unconditional one.
+        ``repeats`` r > 1 (inference modes): the top-down pass runs r times per example, on rows
+            b*r .. b*r + r - 1 (y then has B*r entries), after one bottom-up pass. Every repeat draws the
+            noise of the example itself (common random numbers): repeat j equals a pass with y[b*r + j].
         """
         cfg = self.cfg
         L, bu = cfg.levels, cfg.bu_latents
@@ -267,6 +290,8 @@ class Ladder(nn.Module):
             raise ValueError("latents needs one tensor per group and k = 0")
         if (y is None) != (cfg.num_classes == 0):
             raise ValueError("a conditional ladder (num_classes > 0) needs y, an unconditional one takes none")
+        if repeats > 1 and (mode == "prior" or latents is not None):
+            raise ValueError("repeats needs an inference mode and drawn latents")
         use_mean = mode == "posterior_mean"
         infer = mode != "prior"
         gid = {info["kind"] + str(info["level"]): g for g, info in enumerate(self.group_info)}
@@ -275,6 +300,8 @@ class Ladder(nn.Module):
             B, device = e0.shape[0], e0.device
         else:
             B = batch_size
+        if y is not None and y.shape[0] != B * repeats:
+            raise ValueError(f"y has {y.shape[0]} entries for {B} examples x {repeats} repeats")
         log_q = [None] * G
         log_p = [None] * G
         kl_an = [None] * G
@@ -303,6 +330,14 @@ class Ladder(nn.Module):
                 if i < L and bu:
                     (q_bu[i],) = self.q_bu[i - 1](h)
                     z_bu[i] = draw(q_bu[i], gid[f"bu{i}"])
+
+        if repeats > 1:  # one BU pass shared by the r top-down passes of each example
+            rep = lambda t: None if t is None else t.repeat_interleave(repeats, dim=0)  # noqa: E731
+            e = [rep(t) for t in e]
+            z_bu = [rep(t) for t in z_bu]
+            q_bu = [None if q is None else Gaussian(rep(q.mu), rep(q.sigma)) for q in q_bu]
+            samples = [rep(t) for t in samples]
+            noise, B = RepeatedNoise(noise, repeats), B * repeats
 
         # ---- top group ----
         g = 0

@@ -89,29 +89,6 @@ def repeat_batch(batch: dict, n: int) -> dict:
     return {k: (v.repeat_interleave(n, dim=0) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class RepeatedNoise:
-    """A noise source for a batch whose rows are each repeated n times in a row: every block of n
-    rows gets the noise its example gets in the unrepeated batch (common random numbers).
-
-    So the pass of class y in ``forward_each_class`` draws exactly what ``forward(..., y=y)`` draws,
-    whatever the noise source (keyed evaluation noise or training noise)."""
-
-    def __init__(self, base, n: int):
-        self.base, self.n = base, n
-
-    def _rows(self, shape) -> tuple[int, ...]:
-        return (shape[0] // self.n, *shape[1:])
-
-    def normal(self, shape, key: int, device, dtype=torch.float32) -> torch.Tensor:
-        return self.base.normal(self._rows(shape), key, device, dtype).repeat_interleave(self.n, dim=0)
-
-    def uniform(self, shape, key: int, device) -> torch.Tensor:
-        return self.base.uniform(self._rows(shape), key, device).repeat_interleave(self.n, dim=0)
-
-    def per_example(self) -> "RepeatedNoise":
-        return RepeatedNoise(self.base.per_example(), self.n)
-
-
 class LadderModel(LatentVariableModel):
     """A modality adapter around the one ladder: ``embed`` gives e_0, ``log_likelihood`` scores x from d_0."""
 
@@ -141,9 +118,11 @@ class LadderModel(LatentVariableModel):
         e0, target = self.embed(batch, noise)
         return self.score(e0, target, batch, noise, mode=mode, k=k, analytic_kl=analytic_kl, y=y)
 
-    def score(self, e0, target, batch, noise, *, mode="posterior", k=0, analytic_kl=False, y=None) -> ModelOutput:
-        """``forward`` from an embedding e_0 (and its target), e.g. one shared with ``ladder.classify``."""
-        out = self.ladder(e0, noise, mode=mode, k=k, analytic_kl=analytic_kl, y=y)
+    def score(self, e0, target, batch, noise, *, mode="posterior", k=0, analytic_kl=False, y=None,
+              repeats: int = 1) -> ModelOutput:
+        """``forward`` from an embedding e_0 (and its target), e.g. one shared with ``ladder.classify``.
+        With ``repeats`` (see ``Ladder.forward``) target and batch hold the repeated rows."""
+        out = self.ladder(e0, noise, mode=mode, k=k, analytic_kl=analytic_kl, y=y, repeats=repeats)
         log_px = self.log_likelihood(out.d0, target, batch)
         return ModelOutput(
             log_px=log_px,
@@ -164,8 +143,9 @@ class LadderModel(LatentVariableModel):
         """The conditional model once per class, on one embedding of the batch.
 
         Returns the logits of q(y|x) (B, C) (None without ``with_logits``) and the ModelOutput of the
-        B*C rows (example b, class y) at row b*C + y, each with the bound of (x_b, y). Every class's
-        pass draws the same noise (common random numbers), the noise ``forward(..., y=y)`` draws.
+        B*C rows (example b, class y) at row b*C + y, each with the bound of (x_b, y). One bottom-up
+        pass, C top-down passes; every class's pass draws the same noise (common random numbers), the
+        noise ``forward(..., y=y)`` draws.
         """
         C = self.num_classes
         if not C:
@@ -174,8 +154,7 @@ class LadderModel(LatentVariableModel):
         logits = self.ladder.classify(e0) if with_logits else None
         y = torch.arange(C, device=e0.device).repeat(e0.shape[0])
         target = target.repeat_interleave(C, dim=0) if torch.is_tensor(target) else repeat_batch(target, C)
-        out = self.score(e0.repeat_interleave(C, dim=0), target, repeat_batch(batch, C), RepeatedNoise(noise, C),
-                          k=k, analytic_kl=analytic_kl, y=y)
+        out = self.score(e0, target, repeat_batch(batch, C), noise, k=k, analytic_kl=analytic_kl, y=y, repeats=C)
         return logits, out
 
     def _class_of(self, batch: dict, e0: torch.Tensor) -> torch.Tensor | None:

@@ -111,7 +111,7 @@ def _kl_loss(out: ModelOutput, free_bits, analytic_kl: bool) -> torch.Tensor:
     if G == 0:
         return kl.new_zeros(())
     lam = torch.as_tensor(free_bits, dtype=torch.float64).flatten().tolist()
-    if len(lam) == 1:
+    if len(set(lam)) == 1:  # one lambda for every group (the plateau schedule's lambda_g = B / G)
         return free_bits_kl(kl, lam[0])
     if len(lam) != G:
         raise ValueError(f"free_bits has {len(lam)} lambdas for {G} latent groups")
