@@ -179,8 +179,8 @@ def labelled_subset(splits: ImageSplits, per_class: int, seed: int, where: str =
     short = [c for c in range(classes) if counts[c] < per_class]
     if short:
         listed = ", ".join(f"class {c} has {counts[c]}" for c in short[:5]) + (", ..." if len(short) > 5 else "")
-        raise UserError(f"--labels-per-class {per_class} asks for more training examples than some classes of "
-                        f"{where} have ({listed}); lower --labels-per-class")
+        raise UserError(f"--labels-per-class {per_class} needs {per_class} training examples of every class, but in "
+                        f"{where} {listed}; lower --labels-per-class")
     rng = np.random.default_rng([seed, 0x1ABE1])  # not the carving's or the evaluation subset's stream
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(classes)]
     return np.sort(np.concatenate(chosen))
