@@ -12,10 +12,9 @@ per class for the bounds with y summed out (shared/semi.py).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-
-import math
 
 import torch
 from torch import nn

@@ -251,3 +251,24 @@ def test_training_a_tiny_conditional_model_lowers_the_loss():
         ce.append(terms.cross_entropy.item())
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 5.0
     assert np.mean(ce[-8:]) < np.mean(ce[:8])
+
+
+def test_a_dense_ladder_shares_its_bottom_up_pass_over_the_classes():
+    from shared.ladder import Ladder, LadderConfig
+
+    torch.manual_seed(0)
+    cfg = LadderConfig(ndim=0, input_channels=6, input_size=[], output_channels=8, levels=3, channels=[8] * 3,
+                       latent_channels=[2] * 3, strides=[1] * 3, kernels=[1] * 3, depth=1, latent_kind="dense",
+                       num_classes=C)
+    ladder = Ladder(cfg).eval()
+    e0 = torch.randn(4, 6)
+    noise = HashedNoise(1, torch.arange(4))
+    with torch.no_grad():
+        each = ladder(e0, noise, y=torch.arange(C).repeat(4), repeats=C)
+        for c in range(C):
+            alone = ladder(e0, noise, y=torch.full((4,), c))
+            assert torch.allclose(each.d0.view(4, C, -1)[:, c], alone.d0, atol=1e-6)
+            assert torch.allclose(each.log_p.view(4, C, -1)[:, c], alone.log_p, atol=1e-5)
+            assert torch.allclose(each.log_q.view(4, C, -1)[:, c], alone.log_q, atol=1e-5)
+        assert ladder.classify(e0).shape == (4, C)
+    assert not torch.allclose(each.d0.view(4, C, -1)[:, 0], each.d0.view(4, C, -1)[:, 1])
