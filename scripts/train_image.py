@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     from biva_image.presets import get_preset, with_labels
     from biva_image.viz import save_grid
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer, process_state
+    from shared.engine import Trainer, labelled_batch_size, process_state
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
     from shared.train import open_run
     from biva_image.model import ImageModelConfig
@@ -177,6 +177,8 @@ def main(argv=None) -> None:
     if list(model_cfg.image_shape) != list(splits.shape):
         raise UserError(f"the run's model expects images of shape {model_cfg.image_shape} but the data are "
                         f"{list(splits.shape)}; use the data the run was trained on")
+    if labelled is not None:
+        labelled_batch_size(run.train, len(labelled), state.num_processes)  # a bad value fails before any write
     if state.is_main_process and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         if labelled is not None:  # before config.json, which marks the run as started

@@ -6,6 +6,11 @@ free bits on plateau, update skipping on non-finite or huge gradients, periodic 
 whole validation set, atomic checkpoints through ``save_state`` and an exact ``--resume``
 (mid-epoch data position, RNG, EMA, free-bits state) from the newest checkpoint whose files match the
 checksums recorded when it was saved; a full disk stops the run and loses nothing.
+
+Semi-supervised runs (DESIGN.md §9b; given a labelled set) draw at every optimiser step one batch from
+the unlabelled stream and one from the labelled stream: two seeded ``BatchPlan`` streams, each with its
+own position in the checkpoints (the small labelled set cycles through many epochs), both split over
+processes and accumulation steps the same way.
 """
 from __future__ import annotations
 
@@ -135,6 +140,19 @@ class BatchPlan:
                 yield mine[j * self.micro:(j + 1) * self.micro].tolist()
 
 
+def labelled_batch_size(cfg, n_labelled: int, world: int) -> int:
+    """The global labelled batch of a semi-supervised run: --labelled-batch-size, by default
+    min(--batch-size, labelled examples); it must split over processes x --grad-accum like --batch-size.
+    Scripts call this before they write anything, so a bad value changes no file."""
+    size = cfg.labelled_batch_size or min(cfg.batch_size, n_labelled)
+    if size > n_labelled:
+        raise UserError(f"--labelled-batch-size {size} is larger than the {n_labelled} labelled examples; lower it")
+    if size % (world * cfg.grad_accum):
+        raise UserError(f"the labelled batch of {size} does not split over {world} process(es) x --grad-accum "
+                        f"{cfg.grad_accum}; set --labelled-batch-size to a multiple of {world * cfg.grad_accum}")
+    return size
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimiser steps taken
@@ -256,15 +274,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ semi-supervised runs
     def _labelled_plan(self, world: int, rank: int) -> BatchPlan:
-        """The labelled stream: its own seeded permutations (stream 1), split like the unlabelled batches.
-        Its global batch is --labelled-batch-size, by default min(--batch-size, labelled examples)."""
+        """The labelled stream: its own seeded permutations (stream 1), split like the unlabelled batches."""
         cfg, n = self.cfg, len(self.labelled_set)
-        size = cfg.labelled_batch_size or min(cfg.batch_size, n)
-        if size > n:
-            raise UserError(f"--labelled-batch-size {size} is larger than the {n} labelled examples; lower it")
-        if size % (world * cfg.grad_accum):
-            raise UserError(f"the labelled batch of {size} does not split over {world} process(es) x --grad-accum "
-                            f"{cfg.grad_accum}; set --labelled-batch-size to a multiple of {world * cfg.grad_accum}")
+        size = labelled_batch_size(cfg, n, world)
         return BatchPlan(n, size, world, rank, cfg.grad_accum, cfg.seed, stream=1)
 
     def _check_semi_model(self) -> None:
@@ -312,9 +324,8 @@ class Trainer:
 
         unlabelled, labelled = ({k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                                  for k, v in batch.items()} for batch in pair)
-        lam_g = torch.full((self.raw_model.num_groups,), float(lam), device=self.accelerator.device)
-        terms = semi_supervised_loss(self.raw_model, labelled, unlabelled, noise, lam_g, self.alpha,
-                                     analytic_kl=self.cfg.analytic_kl)
+        terms = semi_supervised_loss(self.raw_model, labelled, unlabelled, noise, lam, self.alpha,
+                                     analytic_kl=self.cfg.analytic_kl)  # lam: the same lambda for every group
         return terms.loss, terms
 
     def _average_gradients(self) -> None:

@@ -84,7 +84,7 @@ def test_two_process_streams_cover_the_single_process_batches():
     assert not torch.equal(BatchPlan(96, 8, 1, 0, 1, 3).permutation(0), BatchPlan(96, 8, 1, 0, 1, 3, 1).permutation(0))
 
 
-def test_without_labels_or_with_too_few_it_fails_in_one_line(tmp_path, data, capsys):
+def test_without_labels_with_too_few_or_too_big_a_labelled_batch_it_fails_in_one_line(tmp_path, data, capsys):
     plain = image_folder(tmp_path / "plain", n_train=30, n_test=4)  # no class subfolders
     out = tmp_path / "run"
     code, _, err = run_main("train_image", [*flags((plain, data[1]), out)], capsys)
@@ -93,6 +93,9 @@ def test_without_labels_or_with_too_few_it_fails_in_one_line(tmp_path, data, cap
     code, _, err = run_main("train_image", [*flags(data, out), "--labels-per-class", 40], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"class \d has 3\d\b", err) and "--labels-per-class 40" in err and not out.exists()
+    code, _, err = run_main("train_image", [*flags(data, out), "--labelled-batch-size", 13], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--labelled-batch-size 13 is larger than the 12 labelled" in err and not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +202,25 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, data, refere
     assert last["classification_error"] == pytest.approx(error, abs=1e-12)
     single = evaluate(model, valid, batch_size=5, seed=run.train.eval_seed, progress=False)  # y summed out
     assert single.elbo == pytest.approx(last["elbo"], abs=1e-4)
+
+
+def test_the_papers_mnist_run_is_the_binary_preset_with_ten_classes():
+    """--dataset mnist --labels-per-class 10 (Table 3): the binary preset's architecture and schedule, plus
+    the classifier and class conditioning of 10 classes; nothing else changes."""
+    from biva_image.model import ImageVAE
+    from biva_image.names import DATASET_PRESET
+    from biva_image.presets import get_preset, with_labels
+    from shared.config import to_dict
+
+    assert DATASET_PRESET["mnist"] == "binary"
+    plain, semi = get_preset("binary"), with_labels(get_preset("binary"), 10)
+    changed = to_dict(semi.model)
+    assert changed["ladder"].pop("num_classes") == 10 and plain.model.ladder.num_classes == 0
+    plain_dict = to_dict(plain.model)
+    plain_dict["ladder"].pop("num_classes")
+    assert changed == plain_dict and semi.train == plain.train
+    model = ImageVAE(semi.model).eval()
+    batch = {"index": torch.arange(2), "x": torch.zeros(2, 1, 28, 28, dtype=torch.uint8)}
+    from shared.distributions import HashedNoise
+
+    assert model.classify(batch, HashedNoise(0, batch["index"])).shape == (2, 10)
