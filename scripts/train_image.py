@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         model.validate()
         from shared.cli import training_overrides
 
-        train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
+        train = replace(preset.train, "training flags", **{**training_overrides(args), "split_seed": data_cfg.split_seed})
         effective = {"dataset": args.dataset, "model": model.ladder.variant, "likelihood": model.likelihood,
                      "levels": model.ladder.levels, "labels_per_class": args.labels_per_class}
         return RunConfig(modality="image", preset=preset_name, model=to_dict(model), data=to_dict(data_cfg),

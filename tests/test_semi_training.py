@@ -149,6 +149,18 @@ def test_a_short_run_writes_the_labelled_indices_and_classifier_metrics(data, re
     assert train[0]["cross_entropy"] == pytest.approx(np.log(CLASSES), rel=0.2)  # an untrained classifier
 
 
+def test_another_split_seed_draws_another_labelled_subset(tmp_path, data, reference, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main("train_image", flags(data, out, "--max-steps", 1, "--split-seed", 1), capsys)
+    assert code == 0, err[-3000:]
+    saved = json.loads((out / "labelled_indices.json").read_text())
+    splits = load_image_splits(ImageDataConfig(dataset="folder", data_dir=str(data[0]), cache_dir=str(data[1]),
+                                               split_seed=1))
+    assert saved["seed"] == 1 and saved["indices"] == labelled_subset(splits, 4, 1).tolist()
+    assert saved["indices"] != json.loads((reference[0] / "labelled_indices.json").read_text())["indices"]
+    assert json.loads((out / "config.json").read_text())["train"]["split_seed"] == 1
+
+
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, data, reference, capsys):
     ref, _ = reference
     out = tmp_path / "run"
