@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from core_utils import tiny_image_config, tiny_run
-from script_utils import load_script, run_main
+from script_utils import image_folder, load_script, run_main
 
 from biva_image.model import ImageVAE
 from biva_image.runs import load_image_model, load_split, run_data_config
@@ -22,43 +22,15 @@ from shared.run_dir import export_weights, read_run_config, write_run_config
 
 SIZE = 8
 CLASSES = 3
-TEST_PER_CLASS = (4, 5, 6)  # unequal, so the rows of the confusion matrix must follow the true class
+TEST_PER_CLASS = (6, 5, 5)  # image_folder's 16 test images over 3 classes: rows must follow the true class
 
 train_image, sample_image, report_image = (load_script(n) for n in ("train_image", "sample_image", "report_image"))
-
-
-def _class_images(kind: int, n: int, rng) -> np.ndarray:
-    """Grey (n, SIZE, SIZE): class 0 a horizontal bar, 1 a vertical bar, 2 a diagonal, on dark noise."""
-    x = rng.integers(0, 40, (n, SIZE, SIZE))
-    for i in range(n):
-        k = rng.integers(0, SIZE)
-        if kind == 0:
-            x[i, k, :] += 200
-        elif kind == 1:
-            x[i, :, k] += 200
-        else:
-            x[i, np.arange(SIZE), (np.arange(SIZE) + k) % SIZE] += 200
-    return x.clip(0, 255).astype(np.uint8)
-
-
-def _write(folder, images) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image, "L").save(folder / f"{i:03d}.png")
-
-
-def _labelled_folder(root, classes: int = CLASSES, test_per_class=TEST_PER_CLASS):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        _write(root / "train" / f"class{c}", _class_images(c, 30, rng))
-        _write(root / "test" / f"class{c}", _class_images(c, test_per_class[c], rng))
-    return root
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("semi")
-    data = _labelled_folder(root / "data")
+    data = image_folder(root / "data", n_train=90, n_test=sum(TEST_PER_CLASS), classes=CLASSES)
     run = root / "run"
     train_image.main(_argv("--data-dir", data, "--preset", "tiny", "--labels-per-class", "4", "--output-dir", run,
                       "--max-steps", "6", "--eval-every", "6", "--save-every", "6", "--batch-size", "8",
@@ -113,9 +85,9 @@ def test_report_has_classification_error_of_its_confusion_matrix(world):
 
 
 def test_report_classifies_the_max_examples_draw(world):
-    report = report_image.main(_argv("--run", world["run"], "--iw-samples", "0", "--max-examples", "6", "--split", "test"))
+    report = report_image.main(_argv("--run", world["run"], "--iw-samples", "0", "--max-examples", "6"))
     confusion = np.array(report["confusion_matrix"])
-    # a draw of 6 of the 15 test images, stratified: 2 of each class (largest remainders of 1.6, 2, 2.4)
+    # a draw of 6 of the 16 test images, stratified: 2 of each class (quotas 2.25, 1.875, 1.875)
     assert confusion.sum() == 6 and confusion.sum(axis=1).tolist() == [2, 2, 2]
     assert report["subset"]["size"] == 6 and report["subset"]["stratified"] is True
 
@@ -124,10 +96,7 @@ def test_a_split_without_labels_gives_null_and_says_why(world, tmp_path, capsys)
     copy = tmp_path / "run"
     shutil.copytree(world["run"], copy)
     (copy / "report-test-confusion.png").unlink(missing_ok=True)
-    flat = tmp_path / "flat"
-    rng = np.random.default_rng(3)
-    _write(flat / "train", _class_images(0, 20, rng))
-    _write(flat / "test", _class_images(1, 5, rng))
+    flat = image_folder(tmp_path / "flat", n_train=20, n_test=5)  # no class subfolders
     code, out, err = run_main("report_image", ["--run", copy, "--iw-samples", "0", "--data-dir", flat], capsys)
     assert code == 0, err
     saved = json.loads((copy / "report-test.json").read_text())
@@ -138,7 +107,7 @@ def test_a_split_without_labels_gives_null_and_says_why(world, tmp_path, capsys)
 
 
 def test_labels_the_model_does_not_know_are_one_line(world, tmp_path, capsys):
-    more = _labelled_folder(tmp_path / "four", classes=4, test_per_class=(2, 2, 2, 2))
+    more = image_folder(tmp_path / "four", n_train=40, n_test=8, classes=4)
     before = (world["run"] / "report-test.json").read_bytes()
     code, _, err = run_main("report_image", ["--run", world["run"], "--iw-samples", "0", "--data-dir", more], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "3 classes" in err
