@@ -23,8 +23,9 @@ training images per class (a class-balanced draw from --split-seed, saved in RUN
 and trains the rest of the training split without labels; the model gets the classifier q(y|x) and a
 class-conditioned ladder, with as many classes as the data have. Each step draws a labelled and an
 unlabelled batch. The paper's run is --dataset mnist --labels-per-class 10 (100 labels; the binary
-preset's architecture, the paper's); the labelled batch size and the binary preset's schedule are
-our choices. --preset tiny works with labels too.
+preset's architecture, the paper's); the classifier weight follows Kingma et al. (2014) and Maaloe
+et al. (2016) (--classifier-weight); the labelled batch size and the binary preset's schedule for
+this run are our choices. --preset tiny works with labels too.
 """
 from __future__ import annotations
 
