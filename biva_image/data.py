@@ -103,6 +103,9 @@ class ImageDataConfig:
     # train, validate on a seeded subset of it (train_image.py's default for FULL_TRAIN_DATASETS).
     valid_size: int = 5000
     cache_dir: str | None = None  # converted uint8 arrays; default ~/.cache/biva/images
+    # Semi-supervised runs: this many labelled training examples per class (labelled_subset); the rest
+    # of the training split trains without labels. None: every example unlabelled (the usual run).
+    labels_per_class: int | None = None
 
 
 @dataclass
@@ -127,9 +130,10 @@ class ImageSplits:
 
 class ImageDataset(torch.utils.data.Dataset):
     """Items ``{"index": i, "x": uint8 (C, H, W)}``; scaling to floats happens on the device.
-    ``labels`` (int64 (N,) or None) stratify evaluation subsets; items do not carry them."""
+    ``labels`` (int64 (N,) or None) stratify evaluation subsets; items carry them as ``"y"`` only with
+    ``carry_labels`` (the labelled stream of a semi-supervised run)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, carry_labels: bool = False):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
         images = np.ascontiguousarray(images)
@@ -139,12 +143,56 @@ class ImageDataset(torch.utils.data.Dataset):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        if carry_labels and self.labels is None:
+            raise ValueError("carry_labels needs labels")
+        self.carry_labels = carry_labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> dict:
+        if self.carry_labels:
+            return {"index": index, "x": self.images[index], "y": self.labels[index]}
         return {"index": index, "x": self.images[index]}
+
+
+def num_classes(splits: ImageSplits) -> int:
+    """Classes of a labelled source: labels are 0..C-1 (sorted class names or the hub's ids), C taken
+    over every split, so a class missing from train still counts (and then has 0 training examples)."""
+    found = [lab for lab in (splits.train_labels, splits.valid_labels, splits.test_labels)
+             if lab is not None and len(lab)]
+    return int(max(int(lab.max()) for lab in found)) + 1 if found else 0
+
+
+def labelled_subset(splits: ImageSplits, per_class: int, seed: int, where: str = "the data") -> np.ndarray:
+    """Sorted indices into ``splits.train`` of ``per_class`` examples of every class, drawn at random
+    from ``seed`` (--split-seed) in its own stream (not the carving's). A UserError when the source has no
+    labels or a class has fewer than ``per_class`` training examples."""
+    if per_class < 1:
+        raise UserError(f"--labels-per-class must be at least 1, got {per_class}")
+    labels = splits.train_labels
+    if labels is None:
+        raise UserError(f"--labels-per-class needs labels: {where} has none (use a hub dataset with a label "
+                        f"column, or an image folder with one subfolder per class), or drop --labels-per-class")
+    classes = num_classes(splits)
+    counts = np.bincount(labels, minlength=classes)
+    short = [c for c in range(classes) if counts[c] < per_class]
+    if short:
+        listed = ", ".join(f"class {c} has {counts[c]}" for c in short[:5]) + (", ..." if len(short) > 5 else "")
+        raise UserError(f"--labels-per-class {per_class} needs {per_class} training examples of every class, but in "
+                        f"{where} {listed}; lower --labels-per-class")
+    rng = np.random.default_rng([seed, 0x1ABE1])  # not the carving's or the evaluation subset's stream
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(classes)]
+    return np.sort(np.concatenate(chosen))
+
+
+def semi_supervised_sets(splits: ImageSplits, labelled: np.ndarray) -> tuple[ImageDataset, ImageDataset]:
+    """(labelled, unlabelled) training sets: the examples ``labelled`` (indices into the training split),
+    whose items carry ``"y"``, and the rest of the training split, built without its labels so that
+    none can reach the unlabelled stream."""
+    rest = np.setdiff1d(np.arange(len(splits.train)), labelled)
+    return (ImageDataset(splits.train[labelled], splits.train_labels[labelled], carry_labels=True),
+            ImageDataset(splits.train[rest]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,15 +91,19 @@ class ImageVAE(LadderModel):
         return DiscretizedLogisticMixture(params, C, self.cfg.mixture_components).sample(noise, DECODE_KEY, mode=mode)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, mode: str = "sample", noise=None) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0, mode: str = "sample", noise=None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """n images from the prior; a conditional model draws class y (int64 (n,)), or uniform classes."""
         from shared.distributions import TrainNoise
 
         noise = noise or TrainNoise()
-        return self.decode(self.decode_prior(n, noise, temperature), mode, noise)
+        return self.decode(self.decode_prior(n, noise, temperature, y=y), mode, noise)
 
     @torch.no_grad()
     def reconstruct(self, batch: dict, noise, from_level: int = 0, mode: str = "sample") -> torch.Tensor:
-        """Posterior of levels > from_level kept, levels <= from_level drawn from the prior."""
+        """Posterior of levels > from_level kept, levels <= from_level drawn from the prior.
+
+        A conditional model decodes with the batch's labels "y", else with argmax q(y|x)."""
         e0, _ = self.embed(batch, noise)
-        d0 = self.ladder(e0, noise, mode="posterior", k=from_level).d0
+        d0 = self.ladder(e0, noise, mode="posterior", k=from_level, y=self._class_of(batch, e0)).d0
         return self.decode(d0, mode, noise)

@@ -1,11 +1,13 @@
 """PNG plots of the image reports (matplotlib, Agg, torch-free): KL per latent group (the paper's
-Figure 5), the same overlaid for several runs, and the anomaly curves of L^{>k} (Table 6)."""
+Figure 5), the same overlaid for several runs, the anomaly curves of L^{>k} (Table 6) and the
+confusion matrix of a semi-supervised model's classifier q(y|x)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -89,4 +91,25 @@ def plot_anomaly(rows: list[dict], path: str | Path, title: str = "") -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title or "anomaly detection with L^{>k}")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], path: str | Path, title: str = "") -> Path:
+    """The C x C confusion matrix of q(y|x) (rows: true class, columns: predicted), counts written in
+    every cell; the colour is the share of the row, so rare classes read as clearly as common ones."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    C = counts.shape[0]
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = max(3.5, 0.45 * C + 1.5)
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=7 if C <= 12 else 5,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(C))
+    ax.set_yticks(range(C))
+    ax.set_xlabel("predicted class (argmax q(y|x))")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "confusion matrix")
     return _save(fig, path)

@@ -47,6 +47,51 @@ def image_report(model, dataset, *, iw_samples: int, batch_size: int, seed: int,
     }
 
 
+def classification_report(model, dataset, *, batch_size: int, seed: int, max_examples: int | None,
+                          device) -> dict:
+    """Test error of a conditional model's classifier q(y|x) (argmax, dropout off) on ``dataset``
+    (its ``labels`` int64 (N,) in 0..C-1), over the same seeded subset as ``image_report``:
+    ``classification_error`` and ``confusion_matrix`` (C x C counts, rows = true class)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from shared.distributions import HashedNoise
+    from shared.evaluate import subset_indices
+
+    C = model.num_classes
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    chosen = subset_indices(len(dataset), max_examples, seed, dataset.labels)
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False,
+                        generator=torch.Generator())  # leaves the global RNG untouched
+    was_training = model.training
+    model.eval()
+    confusion = np.zeros((C, C), dtype=np.int64)
+    with torch.no_grad():
+        for batch in loader:
+            index = batch["index"].to(device)
+            # keyed like the bounds' noise, so a dynamically binarised x is the same one they score
+            logits = model.classify({"index": index, "x": batch["x"].to(device)}, HashedNoise(seed, index))
+            predicted = logits.argmax(dim=1).cpu().numpy()
+            np.add.at(confusion, (labels[batch["index"].numpy()], predicted), 1)
+    model.train(was_training)
+    total = int(confusion.sum())
+    return {"classification_error": 1.0 - float(np.trace(confusion)) / max(total, 1),
+            "confusion_matrix": confusion.tolist()}
+
+
+def check_class_labels(labels, num_classes: int, name: str) -> None:
+    """A UserError when the split's labels do not fit the model's classes (before any evaluation)."""
+    import numpy as np
+
+    if labels is None or len(labels) == 0:
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= num_classes:
+        raise UserError(f"the {name} has class labels {low}..{high} but the model knows {num_classes} classes "
+                        f"(0..{num_classes - 1}); evaluate data with the classes the run was trained on")
+
+
 def _fmt(value, spec: str = ".4f") -> str:
     if value is None:
         return "-"
@@ -77,6 +122,13 @@ def format_report(report: dict) -> str:
     for g, n in zip(report["kl_per_group"], au["per_group"] or [None] * len(report["kl_per_group"])):
         name = f"z{g['level']}" + ("" if g["kind"] == "top" else f" {g['kind']}")
         lines.append(f"  {name:<10}{g['kl']:>10.3f}{_fmt(n, 'd'):>8}")
+    if "classification_error" in report:
+        if report["classification_error"] is None:
+            lines.append(f"  classification error: none ({report['classification_note']})")
+        else:
+            cm = report["confusion_matrix"]
+            lines.append(f"  classification error {100 * report['classification_error']:.2f}% (argmax q(y|x), "
+                         f"{sum(map(sum, cm))} labelled images, {len(cm)} classes)")
     if report.get("anomaly"):
         lines.append(f"  anomaly vs {report.get('ood', 'the OOD set')} (OOD positive, score = bits/dim):")
         lines.append(f"  {'k':>4}{'K':>6}{'bpd in':>10}{'bpd ood':>10}{'AUROC':>8}")

@@ -7,8 +7,11 @@ optionally anomaly detection against an out-of-distribution set with L^{>k}.
     python scripts/report_image.py --run runs/patches --split valid --ood-data-dir other_images/
 
 Prints a table and writes RUN/report-<split>.json (read by compare_image.py; CONTRACTS.md lists its
-keys), the --json copy if asked, RUN/report-<split>-kl.png (KL per latent group) and, with an OOD set,
-RUN/report-<split>-anomaly.png (bits/dim of both sets and AUROC against k); for a hub id or a read-only
+keys), the --json copy if asked, RUN/report-<split>-kl.png (KL per latent group), with an OOD set
+RUN/report-<split>-anomaly.png (bits/dim of both sets and AUROC against k) and, for a semi-supervised
+run (train_image.py --labels-per-class), RUN/report-<split>-confusion.png: the report then holds
+classification_error (argmax of q(y|x), EMA weights) and confusion_matrix (C x C counts, rows = true
+class) of the split (null, with the reason, when the split has no labels); for a hub id or a read-only
 RUN these go to ./NAME instead. Likelihoods are positive
 NLL: nats per image and bits/dim, lower is better. The evaluation noise is seeded per image
 (--seed), so the numbers do not depend on --batch-size.
@@ -102,8 +105,8 @@ def main(argv=None) -> dict:
 
     from biva_image.anomaly import anomaly_curve
     from biva_image.data import ImageDataset
-    from biva_image.plots import plot_anomaly, plot_kl_per_group
-    from biva_image.report import format_report, image_report, report_path
+    from biva_image.plots import plot_anomaly, plot_confusion, plot_kl_per_group
+    from biva_image.report import check_class_labels, classification_report, format_report, image_report, report_path
     from biva_image.runs import check_shape, load_image_model, load_split, pick_device, run_data_config
     from shared.config import write_json_atomic
     from shared.evaluate import subset_info
@@ -116,6 +119,9 @@ def main(argv=None) -> dict:
     if args.ood_dataset is not None or args.ood_data_dir is not None:
         ood = _load_ood(args, run)
         check_shape(ood, run.model["image_shape"], "OOD set")
+    num_classes = run.model["ladder"].get("num_classes", 0)
+    if num_classes:
+        check_class_labels(data.labels, num_classes, data.name)
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)
 
@@ -128,6 +134,12 @@ def main(argv=None) -> dict:
     report["step"] = run_step(args.run)
     report["weights"] = "ema"  # model.safetensors: the EMA weights of the checkpoint at "step"
     report.update(image_report(model, in_set, iw_samples=args.iw_samples, **kw))
+    if num_classes and data.labels is not None:
+        report.update(classification_report(model, in_set, batch_size=args.batch_size, seed=args.seed,
+                                            max_examples=args.max_examples, device=device))
+    elif num_classes:
+        report.update(classification_error=None, confusion_matrix=None,
+                      classification_note=f"the {data.name} has no labels (an image folder needs class subfolders)")
     if ood is not None:
         report["ood"] = ood.name
         ood_set = ImageDataset(ood.images, ood.labels)
@@ -144,6 +156,9 @@ def main(argv=None) -> dict:
         written.append(args.json)
     title = f"{report['model']} L={report['levels']}, {args.split}"
     written.append(plot_kl_per_group(report["kl_per_group"], out / f"report-{args.split}-kl.png", title))
+    if report.get("confusion_matrix") is not None:
+        written.append(plot_confusion(report["confusion_matrix"], out / f"report-{args.split}-confusion.png",
+                                      f"{title}: error {100 * report['classification_error']:.2f}%"))
     if ood is not None:
         written.append(plot_anomaly(report["anomaly"], out / f"report-{args.split}-anomaly.png",
                                     f"{data.name} vs {ood.name}"))

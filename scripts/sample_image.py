@@ -3,10 +3,17 @@
 
     python scripts/sample_image.py --run runs/cifar10 --num 64 --out samples.png
     python scripts/sample_image.py --run runs/cifar10 --latent-temperature 0.8 --output mean
+    python scripts/sample_image.py --run runs/mnist-100-labels --class 3 --num 16
+    python scripts/sample_image.py --run runs/mnist-100-labels --class all --num 10
 
 z ~ p(z) with every prior standard deviation scaled by --latent-temperature, then x ~ p(x|z)
 (--output sample) or the mean of p(x|z) (--output mean; for the logistic mixture, the mean of its
 most likely component). The EMA weights of model.safetensors are used.
+
+A semi-supervised run (train_image.py --labels-per-class) draws from p(z|y) p(x|z,y): --class c
+fixes y = c; --class all draws one row per class, --num images each, and column j uses the same noise
+in every row (and the same as image j of --class c), so a column shows one "style" under each class.
+Without --class, y is drawn uniformly.
 """
 from __future__ import annotations
 
@@ -18,20 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_image.names import GRID_SCALE_HELP  # noqa: E402
 from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
-    p.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--num", type=positive_int,
+                   help="number of images (default 64); with --class all, images per class (default 10)")
+    p.add_argument("--class", dest="class_", type=_class_arg, metavar="C|all",
+                   help="semi-supervised runs only: draw every image of class C (0..classes-1), or with 'all' "
+                        "one row per class (default: classes drawn uniformly)")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/samples.png; ./NAME/samples/ for a hub or read-only RUN)")
     p.add_argument("--latent-temperature", type=positive_float, default=1.0,
                    help="scale of every prior standard deviation (default 1.0; below 1 gives smoother images)")
     p.add_argument("--output", choices=["sample", "mean"], default="sample",
                    help="draw x ~ p(x|z), or take its mean (default sample)")
-    p.add_argument("--ncol", type=positive_int, help="images per row of the grid (default: a square grid)")
+    p.add_argument("--ncol", type=positive_int,
+                   help="images per row of the grid (default: a square grid; with --class all, --num)")
     p.add_argument("--scale", type=auto_or_positive_int, default=None, metavar="N|auto", help=GRID_SCALE_HELP)
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the latent and pixel noise (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images drawn per forward pass (default 64)")
@@ -40,7 +52,31 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.out is not None and args.out.suffix.lower() != ".png":
         p.error(f"--out {args.out} must end in .png")
+    if args.class_ == "all" and args.ncol is not None:
+        p.error("--ncol does not go with --class all: the grid has one row per class, --num images per row")
+    if args.num is None:
+        args.num = 10 if args.class_ == "all" else 64
     return args
+
+
+def _class_arg(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a class number >= 0 or 'all', got {text!r}") from None
+
+
+def _check_class(choice, num_classes: int, run_dir) -> None:
+    if choice is None:
+        return
+    if not num_classes:
+        raise UserError(f"--class needs a semi-supervised run (train_image.py --labels-per-class); {run_dir} "
+                        f"is unconditional: drop --class")
+    if choice != "all" and choice >= num_classes:
+        raise UserError(f"--class {choice} is out of range: the run has {num_classes} classes, 0..{num_classes - 1} "
+                        f"(or all)")
 
 
 def main(argv=None) -> Path:
@@ -50,6 +86,8 @@ def main(argv=None) -> Path:
 
     args.run = resolve_run(args.run)
     run = check_image_run(args.run)  # torch-free: a wrong --run fails before torch is imported
+    num_classes = run.model["ladder"].get("num_classes", 0)
+    _check_class(args.class_, num_classes, args.run)
     import torch
 
     from biva_image.runs import load_image_model, pick_device
@@ -58,15 +96,26 @@ def main(argv=None) -> Path:
 
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)
+    # Noise keyed by (seed, image number): the same images whatever --batch-size or device. With
+    # --class all, row c repeats the keys 0..num-1 under y = c.
+    rows = num_classes if args.class_ == "all" else 1
+    keys = torch.arange(args.num, device=device).repeat(rows)
+    classes = None
+    if args.class_ == "all":
+        classes = torch.arange(num_classes, device=device).repeat_interleave(args.num)
+    elif args.class_ is not None:
+        classes = torch.full((args.num,), args.class_, dtype=torch.long, device=device)
     images = []
-    for start in range(0, args.num, args.batch_size):
-        n = min(args.batch_size, args.num - start)
-        # Noise keyed by (seed, image number): the same images whatever --batch-size or device.
-        noise = HashedNoise(args.seed, torch.arange(start, start + n, device=device))
-        images.append(model.sample(n, temperature=args.latent_temperature, mode=args.output, noise=noise).cpu())
+    for start in range(0, len(keys), args.batch_size):
+        key = keys[start:start + args.batch_size]
+        y = None if classes is None else classes[start:start + args.batch_size]
+        images.append(model.sample(len(key), temperature=args.latent_temperature, mode=args.output,
+                                   noise=HashedNoise(args.seed, key), y=y).cpu())
     out = args.out or output_dir(args.run) / "samples" / "samples.png"
-    save_grid(torch.cat(images).numpy(), out, ncol=args.ncol, scale=args.scale)
-    print(f"{args.num} samples (latent temperature {args.latent_temperature}, output {args.output}) -> {out}")
+    ncol = args.num if args.class_ == "all" else args.ncol
+    save_grid(torch.cat(images).numpy(), out, ncol=ncol, scale=args.scale)
+    what = {None: "", "all": f", {args.num} per class, one row per class"}.get(args.class_, f", class {args.class_}")
+    print(f"{len(keys)} samples (latent temperature {args.latent_temperature}, output {args.output}{what}) -> {out}")
     return out
 
 

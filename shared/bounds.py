@@ -1,6 +1,9 @@
 """Bounds on log p(x) (DESIGN.md §3): the ELBO L_1, the importance-weighted L_K, L^{>k}, bits/dim,
 and active units. Evaluation noise is keyed by (seed, example index, sample index), so every figure
 is the same whatever the batch size, the chunking of samples, or the number of processes.
+
+For a conditional (semi-supervised) model a batch with "y" is scored as (x, y) (log p(x, y)), one
+without "y" with y summed out (shared/semi.py), so every report and validation works unchanged.
 """
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import math
 import torch
 
 from .distributions import HashedNoise
-from .model import LatentVariableModel
+from . import semi
+from .model import LatentVariableModel, repeat_batch  # noqa: F401 (repeat_batch: also imported from here)
 
 
 def bits_per_dim(bound_nats: torch.Tensor | float, dims: torch.Tensor | float):
@@ -17,15 +21,17 @@ def bits_per_dim(bound_nats: torch.Tensor | float, dims: torch.Tensor | float):
     return -bound_nats / (dims * math.log(2.0))
 
 
-def repeat_batch(batch: dict, n: int) -> dict:
-    """Each example repeated n times in a row: (B, ...) → (B*n, ...)."""
-    return {k: (v.repeat_interleave(n, dim=0) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def elbo(model: LatentVariableModel, batch: dict, seed: int = 0, k: int = 0):
-    """L_1 (k = 0) or L^{>k} per example, with per-example seeded noise. Returns the ModelOutput."""
+    """L_1 (k = 0) or L^{>k} per example, with per-example seeded noise. Returns the ModelOutput.
+
+    Conditional models: with batch["y"] the labelled bound -F(x, y), else the unlabelled -U(x)
+    (KL per group weighted by q(y|x))."""
     noise = HashedNoise(seed, batch["index"])
+    if model.num_classes:
+        if "y" in batch:
+            return model(batch, noise, k=k, y=batch["y"])
+        return semi.unlabelled_output(model, batch, noise, k=k)[1]
     return model(batch, noise, k=k)
 
 
@@ -36,19 +42,31 @@ def iw_bound(model: LatentVariableModel, batch: dict, num_samples: int, seed: in
 
     Samples are drawn ``chunk_size`` at a time and folded into a running logsumexp, so peak memory
     depends on chunk_size, not on K. With ``k > 0`` this is L^{>k}_K.
+
+    Conditional models: with batch["y"], L_K of log p(x, y); without, log sum_y of the per-class
+    estimates, log sum_y exp(L_K(x, y)), itself a lower bound on log p(x) (E exp(L_K(x, y)) = p(x, y)).
+    Each class's pass uses the same samples (common random numbers); chunk_size counts rows, so a
+    chunk holds chunk_size // C samples of every class.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
     B = batch["index"].shape[0]
+    each_class = model.num_classes and "y" not in batch
+    C = model.num_classes if each_class else 1
+    step = max(chunk_size // C, 1)
     running = None
-    for start in range(0, num_samples, chunk_size):
-        n = min(chunk_size, num_samples - start)
+    for start in range(0, num_samples, step):
+        n = min(step, num_samples - start)
         rep = repeat_batch(batch, n)
         sample_ids = torch.arange(start, start + n, device=batch["index"].device).repeat(B)
-        out = model(rep, HashedNoise(seed, rep["index"], sample_ids), k=k)
-        log_w = torch.logsumexp(out.bound().double().view(B, n), dim=1)  # fp64 running sum: no drift with K
+        noise = HashedNoise(seed, rep["index"], sample_ids)
+        if each_class:
+            out = model.forward_each_class(rep, noise, k=k, with_logits=False)[1]
+        else:
+            out = model(rep, noise, k=k, **({"y": rep["y"]} if model.num_classes else {}))
+        log_w = torch.logsumexp(out.bound().double().view(B, n, C), dim=1)  # fp64 running sum: no drift with K
         running = log_w if running is None else torch.logaddexp(running, log_w)
-    return (running - math.log(num_samples)).float()
+    return (torch.logsumexp(running, dim=1) - math.log(num_samples)).float()
 
 
 class ActiveUnits:

@@ -132,6 +132,9 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the global gradient norm to this value
     skip_threshold: float | None = None  # skip an update whose gradient norm exceeds this
     max_skips: int = 50  # stop after this many skipped updates in a row
+    # Semi-supervised runs only (a labelled set is given to the engine):
+    classifier_weight: float = 0.1  # beta of shared.semi.alpha_rule: alpha = beta * (N_l + N_u) / N_l
+    labelled_batch_size: int | None = None  # global labelled batch per step; None: min(batch_size, N_l)
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False
     num_workers: int = 0

@@ -6,6 +6,11 @@ free bits on plateau, update skipping on non-finite or huge gradients, periodic 
 whole validation set, atomic checkpoints through ``save_state`` and an exact ``--resume``
 (mid-epoch data position, RNG, EMA, free-bits state) from the newest checkpoint whose files match the
 checksums recorded when it was saved; a full disk stops the run and loses nothing.
+
+Semi-supervised runs (DESIGN.md §9b; given a labelled set) draw at every optimiser step one batch from
+the unlabelled stream and one from the labelled stream: two seeded ``BatchPlan`` streams, each with its
+own position in the checkpoints (the small labelled set cycles through many epochs), both split over
+processes and accumulation steps the same way.
 """
 from __future__ import annotations
 
@@ -108,17 +113,19 @@ class EMA:
 class BatchPlan:
     """Which examples make each micro-batch: a seeded permutation per epoch, cut into global batches,
     each split over processes and accumulation steps. Deterministic given (seed, epoch), so a resumed
-    run sees the same data order mid-epoch."""
+    run sees the same data order mid-epoch. ``stream`` tells apart plans that share a seed (the labelled
+    stream of a semi-supervised run is stream 1)."""
 
-    def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int):
+    def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int, stream: int = 0):
         self.n, self.global_batch, self.world, self.rank, self.accum, self.seed = n, global_batch, world, rank, accum, seed
+        self.stream = stream
         self.micro = global_batch // (world * accum)
         self.steps_per_epoch = n // global_batch
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + self.stream * 0x9E3779B9)
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return self._perm[1]
 
@@ -133,6 +140,19 @@ class BatchPlan:
                 yield mine[j * self.micro:(j + 1) * self.micro].tolist()
 
 
+def labelled_batch_size(cfg, n_labelled: int, world: int) -> int:
+    """The global labelled batch of a semi-supervised run: --labelled-batch-size, by default
+    min(--batch-size, labelled examples); it must split over processes x --grad-accum like --batch-size.
+    Scripts call this before they write anything, so a bad value changes no file."""
+    size = cfg.labelled_batch_size or min(cfg.batch_size, n_labelled)
+    if size > n_labelled:
+        raise UserError(f"--labelled-batch-size {size} is larger than the {n_labelled} labelled examples; lower it")
+    if size % (world * cfg.grad_accum):
+        raise UserError(f"the labelled batch of {size} does not split over {world} process(es) x --grad-accum "
+                        f"{cfg.grad_accum}; set --labelled-batch-size to a multiple of {world * cfg.grad_accum}")
+    return size
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimiser steps taken
@@ -141,6 +161,9 @@ class TrainState:
     skipped_total: int = 0
     skipped_in_row: int = 0
     examples_seen: int = 0
+    # Semi-supervised runs: the labelled stream's position (it cycles through many epochs per unlabelled one).
+    labelled_epoch: int = 0
+    labelled_batch_in_epoch: int = 0
 
 
 class LogWindow:
@@ -150,12 +173,15 @@ class LogWindow:
     def __init__(self):
         self.count, self.loss, self.elbo, self.grad_norm = 0, 0.0, 0.0, 0.0
         self.kl: list[float] = []
+        self.cross_entropy, self.accuracy = 0.0, 0.0  # semi-supervised runs: the labelled batches' classifier
 
     def add(self, result: dict) -> None:
         self.count += 1
         self.loss += result["loss"]
         self.elbo += result["elbo"]
         self.grad_norm += result["grad_norm"]
+        self.cross_entropy += result.get("cross_entropy", 0.0)
+        self.accuracy += result.get("accuracy", 0.0)
         kl = result["kl_per_group"]
         self.kl = list(kl) if not self.kl else [a + b for a, b in zip(self.kl, kl)]
 
@@ -169,13 +195,17 @@ class LogWindow:
 class Trainer:
     def __init__(self, run: rd.RunConfig, build_model: Callable[[], LatentVariableModel],
                  train_set: Dataset, valid_set: Dataset, output_dir: str | Path, resume: bool = False,
-                 on_evaluate: Callable | None = None, resume_command: str | None = None):
+                 on_evaluate: Callable | None = None, resume_command: str | None = None,
+                 labelled_set: Dataset | None = None):
+        """``labelled_set`` (items with ``"y"``) makes the run semi-supervised (DESIGN.md §9b):
+        ``train_set`` is then the unlabelled stream, and each optimiser step draws one batch of each."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
         self.run, self.cfg = run, run.train
         self.output_dir = Path(output_dir)
-        self.train_set, self.valid_set = train_set, valid_set
+        self.train_set, self.valid_set, self.labelled_set = train_set, valid_set, labelled_set
+        self.semi = labelled_set is not None
         self.on_evaluate = on_evaluate
         self.resume_command = resume_command or default_resume_command()
         cfg = self.cfg
@@ -207,6 +237,8 @@ class Trainer:
                             f"{cfg.batch_size}; lower --batch-size")
         if len(valid_set) == 0:
             raise UserError("the validation set is empty; give more data or a validation split")
+        if self.semi:
+            self.labelled_plan = self._labelled_plan(world, acc.process_index)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 1) * self.plan.steps_per_epoch
 
         # Same initial weights on every process; then per-process training noise.
@@ -217,6 +249,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.ema.model.to(acc.device)
         self.raw_model: LatentVariableModel = acc.unwrap_model(self.model)
+        if self.semi:
+            self._check_semi_model()
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed + 1, device_specific=True)
@@ -237,6 +271,71 @@ class Trainer:
         if resume:
             self._resume()
         self._start_tracking(resume)
+
+    # ------------------------------------------------------------------ semi-supervised runs
+    def _labelled_plan(self, world: int, rank: int) -> BatchPlan:
+        """The labelled stream: its own seeded permutations (stream 1), split like the unlabelled batches."""
+        cfg, n = self.cfg, len(self.labelled_set)
+        size = labelled_batch_size(cfg, n, world)
+        return BatchPlan(n, size, world, rank, cfg.grad_accum, cfg.seed, stream=1)
+
+    def _check_semi_model(self) -> None:
+        from .semi import alpha_rule
+
+        classes = getattr(self.raw_model, "num_classes", 0)
+        if not classes:
+            raise ValueError("a semi-supervised run needs a model with num_classes > 0")
+        # alpha weighs the classifier's cross-entropy in the labelled loss (DESIGN.md §9b).
+        self.alpha = alpha_rule(len(self.labelled_set), len(self.train_set), self.cfg.classifier_weight)
+        if self.is_main:
+            print(f"semi-supervised: {len(self.labelled_set)} labelled / {len(self.train_set)} unlabelled training "
+                  f"examples, {classes} classes, labelled batch {self.labelled_plan.global_batch}, classifier weight "
+                  f"alpha = {self.alpha:.4g} (beta {self.cfg.classifier_weight} x (N_l + N_u) / N_l)", file=sys.stderr)
+
+    @torch.no_grad()
+    def classification_error(self) -> float:
+        """Error of argmax q(y|x) under the EMA weights on the validation examples that ``validate``
+        scores (the same eval_examples subset), sharded over processes like ``evaluate``."""
+        from .distributions import HashedNoise
+        from .evaluate import subset_indices
+
+        acc, labels = self.accelerator, self.valid_set.labels
+        chosen = subset_indices(len(self.valid_set), self.cfg.eval_examples, self.cfg.eval_seed, labels)
+        mine = chosen[acc.process_index::acc.num_processes].tolist()
+        counts = torch.zeros(2, dtype=torch.float64, device=acc.device)  # wrong, scored
+        model = self.ema.model.eval()
+        for start in range(0, len(mine), self.eval_batch_size):
+            part = mine[start:start + self.eval_batch_size]
+            batch = torch.utils.data.default_collate([self.valid_set[i] for i in part])
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with acc.autocast():
+                logits = model.classify(batch, HashedNoise(self.cfg.eval_seed, batch["index"]))
+            truth = labels[torch.as_tensor(part)].to(acc.device)
+            counts[0] += (logits.argmax(-1) != truth).sum()
+            counts[1] += len(part)
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        return float(counts[0] / counts[1])
+
+    def _semi_loss(self, pair: tuple[dict, dict], noise, lam: float) -> tuple[torch.Tensor, object]:
+        """The semi-supervised loss of one (unlabelled, labelled) micro-batch pair, on the unwrapped model
+        (its gradients are averaged over processes in ``_update``)."""
+        from .semi import semi_supervised_loss
+
+        unlabelled, labelled = ({k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                                 for k, v in batch.items()} for batch in pair)
+        terms = semi_supervised_loss(self.raw_model, labelled, unlabelled, noise, lam, self.alpha,
+                                     analytic_kl=self.cfg.analytic_kl)  # lam: the same lambda for every group
+        return terms.loss, terms
+
+    def _average_gradients(self) -> None:
+        """What DDP does after the last micro-batch, done by hand for semi-supervised runs: their loss calls
+        the model several times (classifier, labelled and unlabelled passes), outside DDP's forward."""
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        if self.accelerator.num_processes == 1 or not grads:
+            return
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -453,6 +552,8 @@ class Trainer:
                   "kl_per_group": res.kl_per_group, "bits_per_dim": res.bits_per_dim_elbo,
                   "nats_per_dim": -res.elbo * res.num_examples / max(res.num_dims, 1.0),
                   "free_bits_budget": self.free_bits.budget, "num_examples": res.num_examples}
+        if getattr(self.ema.model, "num_classes", 0) and getattr(self.valid_set, "labels", None) is not None:
+            record["classification_error"] = self.classification_error()
         if not log:
             return record
         self.log(record)
@@ -482,17 +583,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _loader(self):
-        plan = self.plan
+        """This process's micro-batches of each optimiser step; in a semi-supervised run, (unlabelled,
+        labelled) pairs from two streams, each resuming at its own position in ``self.state``."""
+        unlabelled = self._stream(self.plan, self.train_set, "epoch", "batch_in_epoch", self.cfg.num_workers)
+        if not self.semi:
+            yield from unlabelled
+            return
+        # The labelled set is small and cycles every few steps: no worker processes to restart each time.
+        labelled = self._stream(self.labelled_plan, self.labelled_set, "labelled_epoch", "labelled_batch_in_epoch", 0)
         while True:
-            batches = list(plan.micro_batches(self.state.epoch, self.state.batch_in_epoch))
+            yield list(zip(next(unlabelled), next(labelled)))
+
+    def _stream(self, plan: BatchPlan, dataset: Dataset, epoch: str, batch_in_epoch: str, num_workers: int):
+        """Endless micro-batches of ``plan`` over ``dataset`` from the position held in ``self.state``
+        (attributes ``epoch`` / ``batch_in_epoch``; ``_update`` advances the batch)."""
+        while True:
+            batches = list(plan.micro_batches(getattr(self.state, epoch), getattr(self.state, batch_in_epoch)))
             # A private generator: creating a loader must not consume the global RNG of the training noise.
-            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.cfg.num_workers,
-                                generator=torch.Generator())
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator())
             it = iter(loader)
             for _ in range(len(batches) // plan.accum):
                 yield [next(it) for _ in range(plan.accum)]
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            setattr(self.state, epoch, getattr(self.state, epoch) + 1)
+            setattr(self.state, batch_in_epoch, 0)
 
     def _update(self, micro_batches: list[dict], noise) -> dict:
         acc, cfg, fault = self.accelerator, self.cfg, self.faults
@@ -501,24 +614,41 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGTERM)
         lam = self.free_bits.per_group
         A = len(micro_batches)
-        # Local sums: bad-update flag, stop flag, loss, elbo, kl per group (G)
-        local = torch.zeros(4 + self.raw_model.num_groups, dtype=torch.float64, device=acc.device)
+        # Local sums: bad-update flag, stop flag, loss, elbo, kl per group (G)[, cross-entropy, accuracy]
+        G = self.raw_model.num_groups
+        local = torch.zeros(4 + G + (2 if self.semi else 0), dtype=torch.float64, device=acc.device)
         for j, batch in enumerate(micro_batches):
-            batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = contextlib.nullcontext() if j == A - 1 else acc.no_sync(self.model)
+            if self.semi:  # the unwrapped model, outside DDP: gradients are averaged below
+                sync = contextlib.nullcontext()
+            else:
+                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                sync = contextlib.nullcontext() if j == A - 1 else acc.no_sync(self.model)
             with sync:
                 with acc.autocast():
-                    out = self.model(batch, noise, analytic_kl=cfg.analytic_kl)
-                    kl_for_loss = out.kl_analytic if (cfg.analytic_kl and out.kl_analytic is not None) else out.kl
-                    loss = -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0)
+                    if self.semi:
+                        loss, terms = self._semi_loss(batch, noise, lam)
+                    else:
+                        out = self.model(batch, noise, analytic_kl=cfg.analytic_kl)
+                        kl_for_loss = out.kl_analytic if (cfg.analytic_kl and out.kl_analytic is not None) else out.kl
+                        loss = -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0)
                 if j == 0 and fault.active:
                     loss = loss * (float("nan") if fault("nan-loss", attempt) else 1e6 if fault("big-grad", attempt) else 1.0)
                 local[0] += 0.0 if bool(torch.isfinite(loss)) else 1.0
                 acc.backward(loss / A)
             local[2] += loss.detach().double() / A
+            if self.semi:
+                # elbo: the unlabelled bound, a bound on log p(x) like the validation figure
+                local[3] += terms.bound_unlabelled.detach().double().mean() / A
+                if G:
+                    local[4:4 + G] += terms.kl.detach().double().mean(0) / A
+                local[4 + G] += terms.cross_entropy.detach().double() / A
+                local[5 + G] += terms.accuracy.detach().double() / A
+                continue
             local[3] += out.bound().detach().double().mean() / A
             if out.kl.shape[1]:
                 local[4:] += out.kl.detach().double().mean(0) / A
+        if self.semi:
+            self._average_gradients()
         if fault("nan-grad", attempt):
             next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")))
@@ -545,9 +675,13 @@ class Trainer:
         stop = total[1].item() > 0
         if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
-        return {"loss": total[2].item() / world, "elbo": total[3].item() / world,
-                "kl_per_group": (total[4:] / world).tolist(), "grad_norm": grad_norm, "skipped": not ok,
-                "stop": stop}
+        result = {"loss": total[2].item() / world, "elbo": total[3].item() / world,
+                  "kl_per_group": (total[4:4 + G] / world).tolist(), "grad_norm": grad_norm, "skipped": not ok,
+                  "stop": stop}
+        if self.semi:
+            self.state.labelled_batch_in_epoch += 1
+            result.update(cross_entropy=total[4 + G].item() / world, accuracy=total[5 + G].item() / world)
+        return result
 
     def _log_train(self, t0: float, steps0: int) -> dict:
         w, step = self.window, self.state.step
@@ -562,6 +696,8 @@ class Trainer:
             "examples_per_s": (step - steps0) * self.cfg.batch_size / elapsed,
             "skipped_total": self.state.skipped_total,
         }
+        if self.semi:  # the labelled batches' classifier q(y|x)
+            record.update(cross_entropy=w.cross_entropy / w.count, accuracy=w.accuracy / w.count)
         self.log(record)
         self.window = LogWindow()
         return record

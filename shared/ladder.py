@@ -10,6 +10,17 @@ Two switches give the paper's ablations on the same code:
 Groups are ordered z_L, then for i = L-1..1 its BU and TD groups (LVAE: one group per level,
 labelled "td"). The ladder maps an embedded input e_0 to d_0 and the per-group log q and log p at
 the samples; the modality adapter turns d_0 into p(x | z).
+
+``num_classes`` C > 0 switches on the M2-style semi-supervised model (seed's Appendix B, eqs. 11-19):
+- q(y|x): its own deterministic bottom-up stack (the BU path's block widths, kernels, strides, depth;
+  no latents), flattened into one dense layer of C logits;
+- y enters the generative model and the shared TD path in two places only: a learned linear
+  projection of the one-hot y is added (broadcast over space) to the input of every TD block F_i,
+  i = L-1..0 (so every d_i, hence every prior p(z_i | z_>i, y), every q(z_i^TD | ., y) and
+  p(x | z, y) through d_0, see y), and the top prior p(z_L | y) = N(mu_y, sigma_y) is a learned
+  table of one Gaussian per class (initialised to N(0, I)). Adding a projection of the one-hot is
+  the same as concatenating it as channels, at the cost of one small linear layer per block.
+The BU latents q(z_i^BU | x, z_<i^BU) do not see y (eq. 15 conditions the TD path only).
 """
 from __future__ import annotations
 
@@ -19,12 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .distributions import Gaussian, standard_normal_like
+from .distributions import SIGMA_MIN, Gaussian, standard_normal_like
 from .errors import UserError
 from .nn import Block, WNConv
 
 VARIANTS = {"biva": (True, True), "lvae+": (False, True), "lvae": (False, False)}
 PRIOR_KEY_OFFSET = 4096  # noise keys of groups drawn from the prior in L^{>k} (independent of posterior draws)
+CLASS_KEY = 8190  # noise key of the class drawn for unconditioned prior samples of a conditional ladder
 
 
 @dataclass
@@ -45,6 +57,7 @@ class LadderConfig:
     dropout_generative: float = 0.0  # shared top-down blocks
     bu_latents: bool = True
     td_skip: bool = True
+    num_classes: int = 0  # C > 0: the M2-style semi-supervised model (q(y|x), y conditions p and the TD path)
 
     @property
     def variant(self) -> str:
@@ -87,6 +100,8 @@ class LadderConfig:
                 )
         if self.latent_kind not in ("conv", "dense"):
             raise UserError(f"latent_kind must be 'conv' or 'dense', got {self.latent_kind!r}")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise UserError(f"num_classes must be 0 (unsupervised) or at least 2, got {self.num_classes}")
         for p in (self.dropout_inference, self.dropout_generative):
             if not 0.0 <= p < 1.0:
                 raise UserError(f"dropout must be in [0, 1), got {p}")
@@ -138,6 +153,26 @@ class LatentToFeatures(nn.Module):
         return self.net(z).view(z.shape[0], self.out_channels, *self.size)
 
 
+class RepeatedNoise:
+    """A noise source for a batch whose rows are each repeated n times in a row: every block of n
+    rows gets the noise its example gets in the unrepeated batch (common random numbers)."""
+
+    def __init__(self, base, n: int):
+        self.base, self.n = base, n
+
+    def _rows(self, shape) -> tuple[int, ...]:
+        return (shape[0] // self.n, *shape[1:])
+
+    def normal(self, shape, key: int, device, dtype=torch.float32) -> torch.Tensor:
+        return self.base.normal(self._rows(shape), key, device, dtype).repeat_interleave(self.n, dim=0)
+
+    def uniform(self, shape, key: int, device) -> torch.Tensor:
+        return self.base.uniform(self._rows(shape), key, device).repeat_interleave(self.n, dim=0)
+
+    def per_example(self) -> "RepeatedNoise":
+        return RepeatedNoise(self.base.per_example(), self.n)
+
+
 class Ladder(nn.Module):
     def __init__(self, cfg: LadderConfig):
         super().__init__()
@@ -181,6 +216,20 @@ class Ladder(nn.Module):
             [Block(nd, 2 * ch[i - 1], ch[i - 1], 1, 1, dropout=cfg.dropout_inference) for i in range(1, L)])
         self.q_td = nn.ModuleList([LatentHead(cfg, ch[i - 1], zc[i - 1], sizes[i]) for i in range(1, L)])
         self.group_info = self._group_info()
+        C = cfg.num_classes
+        if C:
+            # q(y|x): the BU stack's blocks without latents, then one dense softmax layer (eqs. 11-13).
+            self.classifier_blocks = nn.ModuleList([
+                Block(nd, cfg.input_channels if i == 1 else ch[i - 2], ch[i - 1], cfg.kernels[i - 1], cfg.depth,
+                      stride=cfg.strides[i - 1], dropout=cfg.dropout_inference) for i in range(1, L + 1)])
+            self.classifier_out = WNConv(0, ch[L - 1] * math.prod(sizes[L]), C)
+            # one-hot y -> the input channels of F_i, added to them (= concatenating y to the input).
+            self.td_y_in = nn.ModuleList([WNConv(0, C, block.proj.v.shape[1]) for block in self.td_blocks])
+            # p(z_L | y): one diagonal Gaussian per class, (C, 2*zc, *S_L) as a latent head's output;
+            # the raw scale starts at softplus^-1(1 - SIGMA_MIN), so every class starts at N(0, I).
+            top = torch.zeros(C, 2 * zc[L - 1], *self.latent_shape(L)[1:])
+            top[:, zc[L - 1]:] = math.log(math.expm1(1.0 - SIGMA_MIN))
+            self.p_top_y = nn.Parameter(top)
 
     def _group_info(self) -> list[dict]:
         info = [{"level": self.cfg.levels, "kind": "top"}]
@@ -200,9 +249,21 @@ class Ladder(nn.Module):
             return (zc,)
         return (zc, *self.sizes[level])
 
+    def _y_features(self, i: int, y_onehot: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The projection of the one-hot y added to F_i's input h, broadcast over h's spatial dims."""
+        return self.td_y_in[i](y_onehot).to(h.dtype).view(*h.shape[:2], *([1] * (h.dim() - 2)))
+
+    def classify(self, e0: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y | x) from e_0: (B, C) fp32."""
+        h = e0
+        for block in self.classifier_blocks:
+            h = block(h)
+        return self.classifier_out(h.flatten(1)).float()
+
     def forward(self, e0: torch.Tensor | None, noise, *, mode: str = "posterior", k: int = 0,
                 temperature: float = 1.0, batch_size: int | None = None, analytic_kl: bool = False,
-                device=None, latents: list[torch.Tensor] | None = None) -> LadderOutput:
+                device=None, latents: list[torch.Tensor] | None = None,
+                y: torch.Tensor | None = None, repeats: int = 1) -> LadderOutput:
         """Run the ladder.
 
         mode "posterior": the inference pass; levels <= k are drawn from the conditional prior
@@ -213,6 +274,11 @@ class Ladder(nn.Module):
             "posterior" it scores given latents under q(. | x) and p (e.g. the aggregate posterior
             of a mutual-information estimate); in mode "prior" it decodes given latents to d_0
             (e.g. interpolation). Only with k = 0.
+        ``y`` (int64 (B,) class indices) is required by a conditional ladder (num_classes > 0) and
+            refused by an unconditional one.
+        ``repeats`` r > 1 (inference modes): the top-down pass runs r times per example, on rows
+            b*r .. b*r + r - 1 (y then has B*r entries), after one bottom-up pass. Every repeat draws the
+            noise of the example itself (common random numbers): repeat j equals a pass with y[b*r + j].
         """
         cfg = self.cfg
         L, bu = cfg.levels, cfg.bu_latents
@@ -222,6 +288,10 @@ class Ladder(nn.Module):
             raise UserError(f"k must be in 0..{L - 1} for a ladder of {L} levels, got {k}")
         if latents is not None and (k != 0 or len(latents) != self.num_groups):
             raise ValueError("latents needs one tensor per group and k = 0")
+        if (y is None) != (cfg.num_classes == 0):
+            raise ValueError("a conditional ladder (num_classes > 0) needs y, an unconditional one takes none")
+        if repeats > 1 and (mode == "prior" or latents is not None):
+            raise ValueError("repeats needs an inference mode and drawn latents")
         use_mean = mode == "posterior_mean"
         infer = mode != "prior"
         gid = {info["kind"] + str(info["level"]): g for g, info in enumerate(self.group_info)}
@@ -230,6 +300,8 @@ class Ladder(nn.Module):
             B, device = e0.shape[0], e0.device
         else:
             B = batch_size
+        if y is not None and y.shape[0] != B * repeats:
+            raise ValueError(f"y has {y.shape[0]} entries for {B} examples x {repeats} repeats")
         log_q = [None] * G
         log_p = [None] * G
         kl_an = [None] * G
@@ -259,17 +331,28 @@ class Ladder(nn.Module):
                     (q_bu[i],) = self.q_bu[i - 1](h)
                     z_bu[i] = draw(q_bu[i], gid[f"bu{i}"])
 
+        if repeats > 1:  # one BU pass shared by the r top-down passes of each example
+            rep = lambda t: None if t is None else t.repeat_interleave(repeats, dim=0)  # noqa: E731
+            e = [rep(t) for t in e]
+            z_bu = [rep(t) for t in z_bu]
+            q_bu = [None if q is None else Gaussian(rep(q.mu), rep(q.sigma)) for q in q_bu]
+            samples = [rep(t) for t in samples]
+            noise, B = RepeatedNoise(noise, repeats), B * repeats
+
         # ---- top group ----
         g = 0
+        if y is not None:
+            y_onehot = nn.functional.one_hot(y.long(), cfg.num_classes).to(self.p_top_y.dtype)  # (B, C)
+            top_prior = Gaussian.from_params(self.p_top_y[y.long()])
         if infer:
             (q,) = self.q_top(e[L])
             z = draw(q, g)
-            prior = standard_normal_like(q.mu.shape, q.mu.device)
+            prior = top_prior if y is not None else standard_normal_like(q.mu.shape, q.mu.device)
             log_q[g], log_p[g], means[g] = q.log_prob(z), prior.log_prob(z), q.mu
             if analytic_kl:
                 kl_an[g] = q.kl(prior)
         else:
-            prior = standard_normal_like((B, *self.latent_shape(L)), device)
+            prior = top_prior if y is not None else standard_normal_like((B, *self.latent_shape(L)), device)
             z = draw(prior.scaled(temperature), g)
             log_p[g] = prior.log_prob(z)
         z_above, d = z, None
@@ -279,6 +362,8 @@ class Ladder(nn.Module):
             h = self.td_z_in[i](z_above)
             if cfg.td_skip and d is not None:
                 h = torch.cat([h, d], dim=1)
+            if y is not None:
+                h = h + self._y_features(i, y_onehot, h)
             d = self.td_blocks[i](h)
             priors = self.p_heads[i - 1](d)
             posterior_here = infer and i > k
@@ -312,6 +397,8 @@ class Ladder(nn.Module):
         h = self.td_z_in[0](z_above)
         if cfg.td_skip and d is not None:
             h = torch.cat([h, d], dim=1)
+        if y is not None:
+            h = h + self._y_features(0, y_onehot, h)
         d0 = self.td_blocks[0](h)
 
         zeros = torch.zeros(B, device=d0.device)

@@ -22,6 +22,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+LABELLED = "labelled_indices.json"  # semi-supervised runs: which training examples carry their label
 MANIFEST = "manifest.json"  # in each checkpoint: size and sha256 of every other file, recorded at save
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -184,6 +185,23 @@ def check_resumable(run_dir: str | Path, modality: str | None = None, preset: st
 
 def write_run_config(run_dir: Path, run: RunConfig) -> None:
     write_json_atomic(run_dir / CONFIG, run.to_json())
+
+
+def write_labelled_indices(run_dir: Path, labels_per_class: int, seed: int, indices) -> None:
+    """``labelled_indices.json`` = {"labels_per_class", "seed", "indices"}: indices into the training split."""
+    write_json_atomic(run_dir / LABELLED, {"labels_per_class": int(labels_per_class), "seed": int(seed),
+                                           "indices": [int(i) for i in indices]})
+
+
+def read_labelled_indices(run_dir: str | Path, n_train: int) -> dict:
+    """The labelled subset a semi-supervised run trained with, checked against a training split of ``n_train``."""
+    path = Path(run_dir) / LABELLED
+    data = read_json(path, "the labelled subset")
+    indices = data.get("indices") if isinstance(data, dict) else None
+    if not isinstance(indices, list) or not all(isinstance(i, int) and 0 <= i < n_train for i in indices):
+        raise UserError(f"{path} does not hold indices into a training split of {n_train} examples; "
+                        f"use the data the run was trained on")
+    return data
 
 
 def export_weights(run_dir: Path, state: dict[str, "torch.Tensor"]) -> None:

@@ -71,20 +71,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def image_folder(root: Path, n_train: int = 70, n_test: int = 16, size: int = 8, seed: int = 0) -> Path:
+def image_folder(root: Path, n_train: int = 70, n_test: int = 16, size: int = 8, seed: int = 0,
+                 classes: int = 0) -> Path:
     """Greyscale PNGs of random bars under root/train and root/test. 70 training images give 63 train
-    and 7 validation images (the carving keeps a tenth): an odd validation set."""
+    and 7 validation images (the carving keeps a tenth): an odd validation set.
+
+    With ``classes`` K > 0, image i goes to the class subfolder ``c<i % K>`` and its class decides the
+    bar: horizontal for even classes, vertical for odd ones, at positions p with p % ceil(K/2) == c // 2."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         (root / split).mkdir(parents=True)
         for i in range(n):
             img = np.zeros((size, size), dtype=np.uint8)
             k = rng.integers(0, size)
-            if rng.random() < 0.5:
+            folder = root / split
+            if classes:
+                c, step = i % classes, -(-classes // 2)
+                k = c // 2 + step * rng.integers(0, (size - 1 - c // 2) // step + 1)
+                horizontal = c % 2 == 0
+                folder = folder / f"c{c}"
+                folder.mkdir(exist_ok=True)
+            else:
+                horizontal = rng.random() < 0.5
+            if horizontal:
                 img[k, :] = 255
             else:
                 img[:, k] = 255
-            Image.fromarray(img, "L").save(root / split / f"{i:03d}.png")
+            Image.fromarray(img, "L").save(folder / f"{i:03d}.png")
     return root
 
 

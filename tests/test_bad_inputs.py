@@ -90,6 +90,9 @@ CASES = [
     ("unknown-likelihood", lambda w, f: image(w, "--likelihood", "gaussian"), r"--likelihood"),
     ("unknown-dataset", lambda w, f: image(w, "--dataset", "imagenet"), r"--dataset"),
     ("unknown-flag", lambda w, f: image(w, "--learning-rate", "0.1"), r"--learning-rate"),
+    ("labels-per-class-zero", lambda w, f: image(w, "--labels-per-class", "0"), r"--labels-per-class.*positive integer"),
+    ("classifier-weight-without-labels", lambda w, f: image(w, "--classifier-weight", "0.5"),
+     r"--classifier-weight needs --labels-per-class"),
     # --- train_image: paths and run directories
     ("data-dir-missing", lambda w, f: ["train_image.py", "--data-dir", w / "nowhere"], r"--data-dir .*nowhere"),
     ("data-dir-below-file", lambda w, f: ["train_image.py", "--data-dir", w / "afile" / "images"], r"--data-dir"),
@@ -117,6 +120,8 @@ CASES = [
     pytest.param("mixed-image-sizes", lambda w, f: ["train_image.py", "--data-dir", w / "mixed_images", "--preset", "tiny",
                                                     "--cache-dir", w / "cache", "--output-dir", w / "out3"],
                  r"12", marks=pytest.mark.slow),
+    pytest.param("labels-of-an-unlabelled-folder", lambda w, f: image(w, "--labels-per-class", "2", "--output-dir", w / "out6"),
+                 r"--labels-per-class needs labels: .*images has none", marks=pytest.mark.slow),
     # --- train_text
     ("text-train-file-missing", lambda w, f: ["train_text.py", "--train-files", w / "missing.txt"], r"--train-files .*missing\.txt"),
     ("text-train-file-is-dir", lambda w, f: ["train_text.py", "--train-files", w / "empty_dir"], r"--train-files"),
