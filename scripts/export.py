@@ -87,7 +87,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     from shared.config import read_json
     from shared.export import CARD, check_can_push, check_destination, model_card, push_folder, write_folder_atomic
-    from shared.run_dir import CONFIG, WEIGHTS, read_run_config, resolve_run, run_step, write_json_atomic
+    from shared.run_dir import CONFIG, LABELLED, WEIGHTS, read_run_config, resolve_run, run_step, write_json_atomic
 
     run_dir = resolve_run(args.run)
     run = read_run_config(run_dir)
@@ -136,6 +136,8 @@ def main(argv=None) -> Path:
             shutil.copyfile(run_dir / TOKENIZER, tmp / TOKENIZER)
         for split in reports:
             shutil.copyfile(run_dir / f"report-{split}.json", tmp / f"report-{split}.json")
+        if (run_dir / LABELLED).is_file():  # semi-supervised runs: which training images were labelled
+            shutil.copyfile(run_dir / LABELLED, tmp / LABELLED)
         (tmp / CARD).write_text(card)
 
     write_folder_atomic(args.to, fill)

@@ -24,7 +24,8 @@ SIZE = 8
 CLASSES = 3
 TEST_PER_CLASS = (6, 5, 5)  # image_folder's 16 test images over 3 classes: rows must follow the true class
 
-train_image, sample_image, report_image = (load_script(n) for n in ("train_image", "sample_image", "report_image"))
+train_image, sample_image, report_image, export = (load_script(n) for n in ("train_image", "sample_image", "report_image",
+                                                                         "export"))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,17 @@ def test_sample_class_draws_that_class_and_all_gives_one_row_per_class(world, tm
     assert not np.array_equal(rows[0], rows[1])  # y conditions the decoder: same noise, other class
     again = _grid(sample_image.main(_argv(*args + ["--class", "all", "--num", "3", "--out", tmp_path / "again.png"])))
     assert np.array_equal(again, grid)  # same seed, same images, whatever --batch-size
+
+
+def test_an_exported_semi_supervised_run_keeps_its_labelled_set_and_its_classes(world, tmp_path):
+    folder = tmp_path / "exported"
+    export.main(_argv("--run", world["run"], "--to", folder))
+    saved = json.loads((world["run"] / "labelled_indices.json").read_text())
+    assert json.loads((folder / "labelled_indices.json").read_text()) == saved
+    args = ["--scale", "1", "--output", "mean", "--seed", "5", "--class", "all", "--num", "3"]
+    here = _grid(sample_image.main(_argv("--run", world["run"], *args, "--out", tmp_path / "run.png")))
+    there = _grid(sample_image.main(_argv("--run", folder, *args, "--out", tmp_path / "exported.png")))
+    assert np.array_equal(here, there)
 
 
 @pytest.mark.parametrize("which, argv, words", [
