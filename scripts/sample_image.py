@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_image.names import GRID_SCALE_HELP  # noqa: E402
-from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int  # noqa: E402
+from shared.cli import (ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int,  # noqa: E402
+                        word_or)
 from shared.errors import UserError, run_cli  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="run directory of scripts/train_image.py (its --output-dir), a folder of scripts/export.py, or a hub id owner/name")
     p.add_argument("--num", type=positive_int,
                    help="number of images (default 64); with --class all, images per class (default 10)")
-    p.add_argument("--class", dest="class_", type=_class_arg, metavar="C|all",
+    p.add_argument("--class", dest="class_", type=word_or("all", nonneg_int, "a class number >= 0", value="all"), metavar="C|all",
                    help="semi-supervised runs only: draw every image of class C (0..classes-1), or with 'all' "
                         "one row per class (default: classes drawn uniformly)")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/samples/samples.png; ./NAME/samples/ for a hub or read-only RUN)")
@@ -57,15 +58,6 @@ def parse_args(argv=None):
     if args.num is None:
         args.num = 10 if args.class_ == "all" else 64
     return args
-
-
-def _class_arg(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        return nonneg_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a class number >= 0 or 'all', got {text!r}") from None
 
 
 def _check_class(choice, num_classes: int, run_dir) -> None:

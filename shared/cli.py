@@ -63,14 +63,20 @@ open_fraction = _number(float, 0.0, 1.0, low_open=True, name="a number in (0, 1]
 any_int = _number(int, name="an integer")
 
 
-def auto_or_positive_int(text: str) -> int | None:
-    """'auto' (returned as None: the program chooses) or a positive integer."""
-    if text == "auto":
-        return None
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+def word_or(word: str, parse, what: str, value=None):
+    """A parser that takes ``word`` (returned as ``value``) or whatever ``parse`` accepts (``what``)."""
+    def parser(text: str):
+        if text == word:
+            return value
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {what} or {word!r}, got {text!r}") from None
+
+    return parser
+
+
+auto_or_positive_int = word_or("auto", positive_int, "a positive integer")  # 'auto' -> None: the program chooses
 
 
 def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality: str | None = None) -> None:

@@ -150,7 +150,7 @@ CASES = [
      r"--from-level"),
     ("reconstruct-image-split", lambda w, f: ["reconstruct_image.py", "--run", w / "image_run", "--split", "dev"], r"--split"),
     ("sample-image-scale-zero", lambda w, f: ["sample_image.py", "--run", w / "image_run", "--scale", "0"],
-     r"--scale.*'auto' or a positive integer"),
+     r"--scale.*a positive integer or 'auto'"),
     ("reconstruct-image-scale-word", lambda w, f: ["reconstruct_image.py", "--run", w / "image_run", "--scale", "big"],
      r"--scale.*'big'"),
     ("report-image-iw-samples", lambda w, f: ["report_image.py", "--run", w / "image_run", "--iw-samples", "x"], r"--iw-samples"),
