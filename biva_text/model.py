@@ -129,6 +129,23 @@ def token_log_prob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tens
     return torch.zeros(batch_size, device=logits.device, dtype=torch.float32).index_add_(0, rows, lp)
 
 
+# Rows of logits made at once when no gradient is kept: an L_K chunk of 100 samples x 16 sentences
+# scores ~37k tokens, 2.9 GB of fp32 logits at 20k pieces; 8192 rows are 640 MB.
+LOGIT_ROWS = 8192
+
+
+def tied_log_prob(io: TokenIO, h: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                  batch_size: int) -> torch.Tensor:
+    """``token_log_prob`` of the tied output layer at the N scored positions only: h (N, E)
+    projected states → (B,). Without autograd the logits are made LOGIT_ROWS rows at a time (the
+    same numbers); with it in one piece, since backward needs them all anyway."""
+    if h.shape[0] <= LOGIT_ROWS or (torch.is_grad_enabled() and h.requires_grad):
+        return token_log_prob(io.logits(h), targets, rows, batch_size)
+    lp = torch.cat([-F.cross_entropy(io.logits(h_c).float(), t_c, reduction="none")
+                    for h_c, t_c in zip(h.split(LOGIT_ROWS), targets.split(LOGIT_ROWS))])
+    return torch.zeros(batch_size, device=h.device, dtype=torch.float32).index_add_(0, rows, lp)
+
+
 def _unalias_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict hook of every LSTM: on a GPU, cuDNN packs an LSTM's weights into one flat buffer
     (flatten_parameters), so its state-dict tensors share storage, and safetensors-based savers
@@ -183,8 +200,8 @@ class LSTMDecoder(nn.Module):
         h, _ = run_lstm(self.lstm, x)  # (B, n, H)
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
-        logits = io.logits(self.proj(h[mask]))  # only the scored positions: (N, V)
-        return token_log_prob(logits, tokens[:, :n][mask], rows, tokens.shape[0])
+        # Logits only at the N scored positions (gathered before the 20k-wide output layer).
+        return tied_log_prob(io, self.proj(h[mask]), tokens[:, :n][mask], rows, tokens.shape[0])
 
     def step(self, io: TokenIO, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
         """One decoding step: prev (B,) ids, cond_t (B, C) → logits (B, V) fp32, new state."""
@@ -273,10 +290,10 @@ class TextLadderModel(TextModelMixin, LadderModel):
         if self.autoregressive:
             return self.decoder.log_likelihood(self.io, tokens, batch["length"].long(), d0.transpose(1, 2))
         W = self.cfg.max_tokens + 1  # the fixed-length sequence: pieces, EOS, then PAD
-        logits = self.token_logits(d0)[:, :W]
+        h = self.head(d0[:, :, :W]).transpose(1, 2)  # (B, W, E); the head is per position (kernel 1)
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device).repeat_interleave(W)
-        return token_log_prob(logits.reshape(B * W, -1), tokens[:, :W].reshape(-1), rows, B)
+        return tied_log_prob(self.io, h.reshape(B * W, -1), tokens[:, :W].reshape(-1), rows, B)
 
     def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
         return self._warm(super().forward(batch, noise, mode=mode, k=k, analytic_kl=analytic_kl))
