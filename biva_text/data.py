@@ -146,6 +146,11 @@ class TextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Predicted tokens per sentence (N,): what the engine's length buckets sort by."""
+        return np.asarray(self.split.lengths)
+
     def __getitem__(self, i: int) -> dict:
         tokens = torch.from_numpy(np.asarray(self.split.tokens[i], dtype=np.int64))
         return {"index": int(i), "tokens": tokens, "length": int(self.split.lengths[i])}

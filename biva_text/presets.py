@@ -11,6 +11,8 @@ paper   L = 7 levels of 128 kernels, M = 3 gated layers per block, kernel 5 at t
         the validation ELBO (halved after 4 flat evaluations, 0 below 1 nat).
 small   the same shapes, narrow (32 kernels, L = 4, LSTM 128), for CPU runs of a few minutes.
 tiny    a seconds-long model for tests.
+
+Every preset trains on length-bucketed batches (``length_buckets``; shared/engine.py BatchPlan).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def paper(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     # 10k validation sentences. KL warm-up (RNN-VAE) over the first 20k steps.
     train = TrainConfig(epochs=5, batch_size=512, lr=2e-3, eval_every=2000, save_every=2000, log_every=50,
                         eval_examples=10000, ema_decay=0.999, free_bits_budget=30.0, free_bits_patience=4,
-                        free_bits_factor=0.5, free_bits_threshold=0.05, free_bits_min=1.0)
+                        free_bits_factor=0.5, free_bits_threshold=0.05, free_bits_min=1.0, length_buckets=True)
     return sizes, train, "the paper's BookCorpus models: BIVA L=7, 128 kernels, LSTM 1024, embeddings 512"
 
 
@@ -56,7 +58,7 @@ def small(max_tokens: int) -> tuple[dict, TrainConfig, str]:
                  ladder=_ladder(max_tokens, 64, 4, 32, [8, 8, 6, 4], [2, 1, 2, 1], 1))
     train = TrainConfig(max_steps=2000, batch_size=64, lr=2e-3, eval_every=100, save_every=500, log_every=25,
                         eval_examples=2000, ema_decay=0.99, free_bits_budget=8.0, free_bits_patience=2,
-                        free_bits_factor=0.5, free_bits_threshold=0.1, free_bits_min=1.0)
+                        free_bits_factor=0.5, free_bits_threshold=0.1, free_bits_min=1.0, length_buckets=True)
     return sizes, train, "a narrow BIVA (L=4, 32 kernels, LSTM 128) for CPU runs of a few minutes"
 
 
@@ -65,7 +67,7 @@ def tiny(max_tokens: int) -> tuple[dict, TrainConfig, str]:
                  ladder=_ladder(max_tokens, 16, 3, 16, [4, 4, 4], [2, 1, 2], 1, first_kernel=3))
     train = TrainConfig(max_steps=40, batch_size=16, lr=3e-3, eval_every=20, save_every=20, log_every=10,
                         eval_examples=256, ema_decay=0.9, free_bits_budget=2.0, free_bits_patience=2,
-                        free_bits_factor=0.5, free_bits_threshold=0.05, free_bits_min=0.5)
+                        free_bits_factor=0.5, free_bits_threshold=0.05, free_bits_min=0.5, length_buckets=True)
     return sizes, train, "a seconds-long CPU model for tests and smoke runs"
 
 

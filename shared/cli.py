@@ -123,6 +123,10 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     s.add_argument("--skip-threshold", type=positive_float, help="skip updates whose gradient norm exceeds this")
     s.add_argument("--max-skips", type=positive_int, help="stop after this many skipped updates in a row")
     s.add_argument("--num-workers", type=nonneg_int, help="data loader worker processes")
+    if modality == "text":
+        s.add_argument("--no-length-buckets", dest="length_buckets", action="store_false", default=None,
+                       help="draw batches from a plain random permutation instead of length buckets (default: "
+                            "buckets, so the LSTM runs over little padding; every sentence once per epoch either way)")
     if isinstance(p, ArgumentParser):
         p.checks.append(lambda args: check_run_flags(args, modality))
         p.checks.append(check_report_to)

@@ -138,6 +138,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False
     num_workers: int = 0
+    length_buckets: bool = False  # batches of similar lengths (text presets; needs a dataset with .lengths)
 
 
 @dataclass

@@ -114,20 +114,46 @@ class BatchPlan:
     """Which examples make each micro-batch: a seeded permutation per epoch, cut into global batches,
     each split over processes and accumulation steps. Deterministic given (seed, epoch), so a resumed
     run sees the same data order mid-epoch. ``stream`` tells apart plans that share a seed (the labelled
-    stream of a semi-supervised run is stream 1)."""
+    stream of a semi-supervised run is stream 1).
 
-    def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int, stream: int = 0):
+    With ``lengths`` (one per example; text: tokens per sentence) the batches are length buckets: the
+    epoch's permutation is sorted by length within pools of ``POOL_BATCHES`` global batches, cut into
+    batches, and the batches are shuffled, so a batch holds sentences of nearly one length (an LSTM
+    runs to its batch's longest sentence) while every example still comes once per epoch in a random
+    batch order. Every process computes the same order from (seed, epoch)."""
+
+    POOL_BATCHES = 64  # global batches sorted together: wide enough that a batch spans ~one length
+
+    def __init__(self, n: int, global_batch: int, world: int, rank: int, accum: int, seed: int, stream: int = 0,
+                 lengths=None):
         self.n, self.global_batch, self.world, self.rank, self.accum, self.seed = n, global_batch, world, rank, accum, seed
         self.stream = stream
         self.micro = global_batch // (world * accum)
         self.steps_per_epoch = n // global_batch
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+        if self.lengths is not None and self.lengths.shape != (n,):
+            raise ValueError(f"lengths has shape {tuple(self.lengths.shape)}, expected ({n},)")
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of examples; its first steps_per_epoch x global_batch make the batches."""
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + self.stream * 0x9E3779B9)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
+            perm = torch.randperm(self.n, generator=g)
+            if self.lengths is not None:
+                perm = self._bucketed(perm, g)
+            self._perm = (epoch, perm)
         return self._perm[1]
+
+    def _bucketed(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        # The remainder that makes no full batch is dropped at random, as without buckets.
+        B, steps = self.global_batch, self.steps_per_epoch
+        kept = perm[:steps * B]
+        pool = self.POOL_BATCHES * B
+        # A stable sort keeps equal lengths in their random order.
+        kept = torch.cat([p[torch.sort(self.lengths[p], stable=True).indices] for p in kept.split(pool)])
+        order = torch.randperm(steps, generator=g)
+        return torch.cat([kept.view(steps, B)[order].reshape(-1), perm[steps * B:]])
 
     def micro_batches(self, epoch: int, start: int):
         """Index lists of this process's micro-batches from global batch ``start`` of ``epoch``."""
@@ -138,6 +164,15 @@ class BatchPlan:
             mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
             for j in range(self.accum):
                 yield mine[j * self.micro:(j + 1) * self.micro].tolist()
+
+
+def training_loss(model, batch: dict, noise, lam: float, analytic_kl: bool = False):
+    """The training loss of one micro-batch, (loss, model output): -log p(x|z) averaged over the batch
+    plus the free-bits KL with lambda ``lam`` per group (DESIGN.md §5). Benchmarks call it too, so they
+    time what the engine runs."""
+    out = model(batch, noise, analytic_kl=analytic_kl)
+    kl_for_loss = out.kl_analytic if (analytic_kl and out.kl_analytic is not None) else out.kl
+    return -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0), out
 
 
 def labelled_batch_size(cfg, n_labelled: int, world: int) -> int:
@@ -231,7 +266,13 @@ class Trainer:
         if cfg.batch_size % (world * cfg.grad_accum):
             raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} process(es) x "
                             f"--grad-accum {cfg.grad_accum}; choose a multiple of {world * cfg.grad_accum}")
-        self.plan = BatchPlan(len(train_set), cfg.batch_size, world, acc.process_index, cfg.grad_accum, cfg.seed)
+        lengths = None
+        if cfg.length_buckets:
+            lengths = getattr(train_set, "lengths", None)
+            if lengths is None:
+                raise ValueError("length_buckets needs a training set with per-example lengths (.lengths)")
+        self.plan = BatchPlan(len(train_set), cfg.batch_size, world, acc.process_index, cfg.grad_accum, cfg.seed,
+                              lengths=lengths)
         if self.plan.steps_per_epoch == 0:
             raise UserError(f"the training set has {len(train_set)} examples, fewer than one batch of "
                             f"{cfg.batch_size}; lower --batch-size")
@@ -628,9 +669,7 @@ class Trainer:
                     if self.semi:
                         loss, terms = self._semi_loss(batch, noise, lam)
                     else:
-                        out = self.model(batch, noise, analytic_kl=cfg.analytic_kl)
-                        kl_for_loss = out.kl_analytic if (cfg.analytic_kl and out.kl_analytic is not None) else out.kl
-                        loss = -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0)
+                        loss, out = training_loss(self.model, batch, noise, lam, cfg.analytic_kl)
                 if j == 0 and fault.active:
                     loss = loss * (float("nan") if fault("nan-loss", attempt) else 1e6 if fault("big-grad", attempt) else 1.0)
                 local[0] += 0.0 if bool(torch.isfinite(loss)) else 1.0
