@@ -6,8 +6,12 @@
     python benchmarks/text_throughput.py --device cpu --batch-size 8 --steps 2 --iw-samples 4   # a CPU smoke run
 
 Training: the preset's model (default: the paper-sized biva-lstm, 20,000 pieces, T = 48) on random
-token ids with random lengths (4 to max_tokens + 1 predicted tokens, EOS included), Adamax, the
-free-bits KL term, one optimiser step per batch; --warmup steps are run first and not timed. Tokens
+token ids with random lengths (4 to max_tokens + 1 predicted tokens, EOS included), the engine's step:
+its loss (shared.engine.training_loss, free-bits KL), gradient norm, Adamax, EMA update; one
+optimiser step per batch; --warmup steps are run first and not timed. The LSTM runs to each batch's
+longest sentence: random batches (the default) are the slow case; --length-buckets draws one random
+length per batch instead, what the engine's length-bucketed training batches look like (same mean
+length). Tokens
 counted are predicted tokens (EOS included). Peak memory is torch.cuda.max_memory_allocated on a
 GPU, the process's peak resident set size on a CPU. L_K: the importance-weighted bound with
 --iw-samples samples, in chunks of --iw-chunk, on --iw-sentences sentences. Tokenisation: a
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import tempfile
@@ -40,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=512, help="sentences per training step (default 512)")
     p.add_argument("--steps", type=positive_int, default=20, help="timed training steps (default 20)")
     p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--length-buckets", action="store_true",
+                   help="training batches of one random length each, as bucketed training draws them "
+                        "(default: independent random lengths)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast precision (default no)")
     p.add_argument("--iw-samples", type=positive_int, default=1000, help="K of the timed L_K (default 1000)")
     p.add_argument("--iw-chunk", type=positive_int, default=100, help="importance samples per forward pass (default 100)")
@@ -54,12 +62,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def random_batch(n: int, max_tokens: int, vocab: int, generator, device, offset: int = 0) -> dict:
+def random_batch(n: int, max_tokens: int, vocab: int, generator, device, offset: int = 0,
+                 one_length: bool = False) -> dict:
     import torch
 
     from biva_text.tokenizer import EOS_ID, PAD_ID
 
-    lengths = torch.randint(4, max_tokens + 2, (n,), generator=generator)  # predicted tokens, EOS included
+    # Predicted tokens, EOS included; one_length: one length for the whole batch (a length bucket).
+    lengths = torch.randint(4, max_tokens + 2, (1 if one_length else n,), generator=generator).expand(n).clone()
     tokens = torch.randint(4, vocab, (n, max_tokens + 1), generator=generator)
     positions = torch.arange(max_tokens + 1)[None, :]
     tokens = torch.where(positions < lengths[:, None] - 1, tokens, torch.full_like(tokens, PAD_ID))
@@ -97,28 +107,35 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def bench_training(args, model, device, autocast) -> dict:
+def bench_training(args, model, train_cfg, device, autocast) -> dict:
     import torch
 
     from shared.distributions import TrainNoise
-    from shared.free_bits import free_bits_kl
+    from shared.engine import EMA, training_loss
 
     g = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=2e-3)
-    lam = 30.0 / max(model.num_groups, 1)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=train_cfg.lr)
+    ema = EMA(model, train_cfg.ema_decay)
+    lam = train_cfg.free_bits_budget / max(model.num_groups, 1)  # the schedule's first lambda
     noise = TrainNoise()
     model.train()
+    steps_done = 0
 
     def step(batch):
+        nonlocal steps_done
         with autocast():
-            out = model(batch, noise)
-            loss = -out.log_px.mean() + (free_bits_kl(out.kl, lam) if out.kl.shape[1] else 0.0)
-        optimizer.zero_grad(set_to_none=True)
+            loss, _ = training_loss(model, batch, noise, lam)
         loss.backward()
-        optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # the skip guard's norm
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            steps_done += 1
+            ema.update(model, steps_done)
+        optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    batches = [random_batch(args.batch_size, args.max_tokens, args.vocab_size, g, device) for _ in range(min(args.steps, 4))]
+    batches = [random_batch(args.batch_size, args.max_tokens, args.vocab_size, g, device, one_length=args.length_buckets)
+               for _ in range(min(args.steps, 4))]
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     if device.type == "cuda":
@@ -201,15 +218,17 @@ def main(argv=None) -> dict:
     else:
         autocast = contextlib.nullcontext
     torch.manual_seed(args.seed)
-    cfg = get_preset(args.preset, args.model, vocab_size=args.vocab_size, max_tokens=args.max_tokens).model
+    preset = get_preset(args.preset, args.model, vocab_size=args.vocab_size, max_tokens=args.max_tokens)
+    cfg = preset.model
     model = build_text_model(cfg).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     result = {"model": args.model, "preset": args.preset, "num_params": num_params(model), "seq_len": cfg.seq_len,
-              "device": name, "batch_size": args.batch_size, "steps": args.steps, "mixed_precision": args.mixed_precision,
+              "device": name, "batch_size": args.batch_size, "steps": args.steps, "length_buckets": args.length_buckets,
+              "mixed_precision": args.mixed_precision,
               "iw_samples": args.iw_samples}
     print(f"{args.model} ({args.preset}), {result['num_params'] / 1e6:.2f}M parameters, T = {cfg.seq_len}, on {name}",
           file=sys.stderr)
-    result.update(bench_training(args, model, device, autocast))
+    result.update(bench_training(args, model, preset.train, device, autocast))
     print(f"training: {result['train_tokens_per_s']:.0f} tokens/s ({result['train_step_ms']:.1f} ms per step of "
           f"{args.batch_size}), peak memory {result['peak_memory_mb']:.0f} MiB", file=sys.stderr)
     result.update(bench_iw(args, model, device, autocast))
