@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -130,9 +131,10 @@ class BatchPlan:
         self.stream = stream
         self.micro = global_batch // (world * accum)
         self.steps_per_epoch = n // global_batch
-        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+        # Kept as given (a memory-mapped array stays on disk: BookCorpus has ~70M sentences); read per pool.
+        self.lengths = None if lengths is None else np.asarray(lengths)
         if self.lengths is not None and self.lengths.shape != (n,):
-            raise ValueError(f"lengths has shape {tuple(self.lengths.shape)}, expected ({n},)")
+            raise ValueError(f"lengths has shape {self.lengths.shape}, expected ({n},)")
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def permutation(self, epoch: int) -> torch.Tensor:
@@ -151,7 +153,8 @@ class BatchPlan:
         kept = perm[:steps * B]
         pool = self.POOL_BATCHES * B
         # A stable sort keeps equal lengths in their random order.
-        kept = torch.cat([p[torch.sort(self.lengths[p], stable=True).indices] for p in kept.split(pool)])
+        kept = torch.cat([p[torch.sort(torch.from_numpy(self.lengths[p.numpy()].astype(np.int64)), stable=True).indices]
+                          for p in kept.split(pool)])
         order = torch.randperm(steps, generator=g)
         return torch.cat([kept.view(steps, B)[order].reshape(-1), perm[steps * B:]])
 
