@@ -257,7 +257,7 @@ class Trainer:
         G = self.raw_model.num_groups
         budget = cfg.free_bits * G if cfg.free_bits is not None else cfg.free_bits_budget
         self.free_bits = FreeBitsSchedule(budget, G, cfg.free_bits_patience, cfg.free_bits_factor,
-                                          cfg.free_bits_threshold, cfg.free_bits_min)
+                                          cfg.free_bits_threshold, cfg.free_bits_min, cfg.free_bits_threshold_mode)
         self.state = TrainState()
         self.window = LogWindow()
         self._stop_signal: str | None = None
