@@ -87,6 +87,11 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     g.add_argument("--preset", choices=presets, help="named configuration; the flags below override its fields")
     g.add_argument("--output-dir", type=Path, help="run directory (default: runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--init-from", metavar="RUN",
+                   help="fine-tuning: start a new run from the exported (EMA) weights of RUN (a run directory, a folder "
+                        "written by scripts/export.py or a hub id owner/name) with the same model config; optimiser, "
+                        "step and free-bits schedule start fresh (e.g. --free-bits 0); recorded in config.json "
+                        "(default: none, random initial weights)")
     g.add_argument("--report-to", choices=REPORT_TO,
                    help="experiment trackers besides metrics.jsonl: tensorboard (event files in "
                         "RUN/tensorboard/), wandb, mlflow, all (every one installed) or none (default: tensorboard "

@@ -151,6 +151,8 @@ class RunConfig:
     data: dict  # the modality's data config
     train: TrainConfig = field(default_factory=TrainConfig)
     extra: dict = field(default_factory=dict)  # modality-specific facts (e.g. data statistics)
+    # A fine-tuning run (--init-from): {"run": as given, "path": the resolved folder, "step": of its weights or None}
+    init_from: dict | None = None
 
     def to_json(self) -> dict:
         return to_dict(self)
