@@ -41,7 +41,7 @@ class FreeBitsSchedule:
     the same.
     """
 
-    # nats per group: a lambda this small holds no latent group up (far below the KL of one used unit),
+    # nats per group: a group held at this little KL carries next to no information about x,
     # so with a floor of 0 the schedule takes the last step to the plain ELBO instead of halving forever.
     ZERO_BELOW = 0.05
 

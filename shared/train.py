@@ -91,8 +91,11 @@ def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunCon
             run.init_from = source.record
         return run, out
     run = check_resumable(out, modality, getattr(args, "preset", None))
-    given, saved_source = getattr(args, "init_from", None), (run.init_from or {}).get("run")
-    if given is not None and given != saved_source:
+    given, saved = getattr(args, "init_from", None), run.init_from or {}
+    saved_source = saved.get("run")
+    same = given == saved_source or (given is not None and Path(given).is_dir()
+                                     and str(Path(given).resolve()) == saved.get("path"))
+    if given is not None and not same:
         raise UserError(f"--init-from {given} differs from the resumed run's {saved_source or 'none'}; drop "
                         f"--init-from (a resumed run continues from its checkpoint) or choose a new --output-dir")
     for flag, value in (model_flags or {}).items():
