@@ -100,7 +100,12 @@ def choose_preset(args, shape) -> str:
 
 
 def main(argv=None) -> None:
+    from shared.train import init_source
+
     args = parse_args(argv)
+    source = init_source(args, "image")  # fine-tuning: the source's preset and model unless given
+    if source is not None and args.model is None:
+        args.model = source.config.extra.get("flags", {}).get("model")
     # Heavy imports only after the flags are known to be good.
     from biva_image.data import (ImageDataConfig, ImageDataset, labelled_subset, load_image_splits, num_classes,
                                  semi_supervised_sets)
@@ -110,7 +115,7 @@ def main(argv=None) -> None:
     from shared.config import RunConfig, from_dict, replace, to_dict
     from shared.engine import Trainer, labelled_batch_size, process_state
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
-    from shared.train import open_run
+    from shared.train import open_run, start_weights
     from biva_image.model import ImageModelConfig
     import numpy as np
 
@@ -161,7 +166,7 @@ def main(argv=None) -> None:
     labelled = None
     if args.labels_per_class and not args.resume:
         labelled = labelled_subset(splits, args.labels_per_class, data_cfg.split_seed, where)
-    run, out = open_run(args, "image", lambda: fresh_run(splits.shape), flags)
+    run, out = open_run(args, "image", lambda: fresh_run(splits.shape), flags, source)
     if args.resume:
         # The run's own split settings (valid size, split seed), read from where the data are now.
         data_cfg = replace(from_dict(ImageDataConfig, run.data, "config.json data"), "config.json data",
@@ -197,11 +202,15 @@ def main(argv=None) -> None:
     else:
         labelled_set, train_set = semi_supervised_sets(splits, labelled)
     trainer = Trainer(run, lambda: ImageVAE(model_cfg), train_set, ImageDataset(splits.valid, splits.valid_labels), out,
-                      resume=args.resume, on_evaluate=on_evaluate, labelled_set=labelled_set)
+                      resume=args.resume, on_evaluate=on_evaluate, labelled_set=labelled_set,
+                      init_weights=start_weights(run, out, args.resume))
     if state.is_main_process:
         n_params = sum(p.numel() for p in trainer.raw_model.parameters())
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "
               f"{len(splits.train)} train / {len(splits.valid)} valid images -> {out}", file=sys.stderr)
+        if run.init_from is not None:
+            print(f"fine-tuning: initial weights from {run.init_from['run']} (step {run.init_from['step']})",
+                  file=sys.stderr)
         if splits.valid_from == "train":
             print(f"validation: {len(splits.valid)} of the {len(splits.train)} training images (split seed "
                   f"{data_cfg.split_seed}), all of which are trained on (--valid-size 0); report on the test split",

@@ -18,6 +18,7 @@ to samples/step_N.txt at every evaluation.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,6 +83,24 @@ def parse_args(argv=None):
     return args
 
 
+TOKENIZER_FIELDS = ("tokenizer", "vocab_size", "max_tokens", "tokenizer_sample")  # what the tokenizer is
+
+
+def fine_tuning_defaults(args, source) -> None:
+    """--init-from: the source's model and tokenizer (its tokenizer.model is copied: a piece id must mean
+    the same word to the weights), unless a flag says otherwise; a different tokenizer is an error."""
+    if not (source.path / "tokenizer.model").is_file():
+        raise UserError(f"--init-from {source.record['run']} has no tokenizer.model; pass a text run directory "
+                        f"or a folder written by scripts/export.py")
+    args.model = args.model or source.config.model["model"]
+    for name in TOKENIZER_FIELDS:
+        given, theirs = getattr(args, name), source.config.data.get(name)
+        if given is not None and given != theirs and name != "tokenizer_sample":
+            raise UserError(f"--{name.replace('_', '-')} {given} differs from the --init-from run's {theirs} "
+                            f"(a fine-tuning run keeps its tokenizer); drop the flag")
+        setattr(args, name, theirs)
+
+
 def data_config(args):
     from biva_text.data import TextDataConfig
 
@@ -122,7 +141,12 @@ def attach_kl_warmup(trainer, steps: int) -> None:
 
 
 def main(argv=None) -> None:
+    from shared.train import init_source
+
     args = parse_args(argv)
+    source = init_source(args, "text")
+    if source is not None:
+        fine_tuning_defaults(args, source)
     # A new run on hub text trains its tokenizer on it first thing: check the hub before importing torch.
     fresh = not args.resume and not (args.output_dir and (args.output_dir / "tokenizer.model").exists())
     if fresh and not args.train_files and args.dataset != "files":
@@ -140,7 +164,7 @@ def main(argv=None) -> None:
     from shared.config import RunConfig, from_dict, replace, to_dict
     from shared.engine import Trainer, process_state
     from shared.run_dir import check_output_dir, read_run_config, write_run_config
-    from shared.train import open_run
+    from shared.train import check_same_model, open_run, start_weights
 
     preset_name = args.preset or "paper"
     if args.output_dir is None:
@@ -160,10 +184,22 @@ def main(argv=None) -> None:
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
 
+    def model_config(vocab_size: int):
+        preset = get_preset(preset_name, model_name, vocab_size=vocab_size, max_tokens=data_cfg.max_tokens,
+                            kl_schedule=args.kl_schedule, kl_warmup_steps=args.kl_warmup_steps)
+        if args.word_dropout is not None:
+            preset.model.word_dropout = args.word_dropout
+        return preset
+
+    if source is not None:  # before anything is written: the tokenizer copy below is the first write
+        check_same_model(source, to_dict(model_config(source.config.model["vocab_size"]).model))
     state = process_state()  # not PartialState(): CPU processes under torchrun must join
     had_tokenizer = (out / "tokenizer.model").exists()
     had_dir = out.exists()
     try:
+        if source is not None and not had_tokenizer and state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.path / "tokenizer.model", out / "tokenizer.model")
         with state.main_process_first():  # the main process trains the tokenizer and fills the cache
             splits = prepare_text_data(data_cfg, out, cache_dir=cache_dir)
     except BaseException:
@@ -176,12 +212,9 @@ def main(argv=None) -> None:
     vocab_size = splits.load_tokenizer().vocab_size
 
     def fresh_run() -> RunConfig:
-        preset = get_preset(preset_name, model_name, vocab_size=vocab_size, max_tokens=data_cfg.max_tokens,
-                            kl_schedule=args.kl_schedule, kl_warmup_steps=args.kl_warmup_steps)
+        preset = model_config(vocab_size)
         train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
         m = preset.model
-        if args.word_dropout is not None:
-            m.word_dropout = args.word_dropout
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
                      "word_dropout": m.word_dropout,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
@@ -191,7 +224,7 @@ def main(argv=None) -> None:
         return RunConfig(modality="text", preset=preset_name, model=to_dict(m), data=to_dict(data_cfg),
                          train=train, extra={"flags": effective, "data_stats": data_stats, "cache_dir": cache_dir})
 
-    run, out = open_run(args, "text", fresh_run, flags)
+    run, out = open_run(args, "text", fresh_run, flags, source)
     model_cfg = from_dict(TextModelConfig, run.model, "config.json model").validate()
     if model_cfg.vocab_size != vocab_size:
         raise UserError(f"the run's model has {model_cfg.vocab_size} pieces but {out / 'tokenizer.model'} has "
@@ -211,7 +244,7 @@ def main(argv=None) -> None:
         return {"samples": sentences}  # for the trackers (--report-to)
 
     trainer = Trainer(run, lambda: build_text_model(model_cfg), TextDataset(splits.train), TextDataset(splits.valid),
-                      out, resume=args.resume, on_evaluate=on_evaluate)
+                      out, resume=args.resume, on_evaluate=on_evaluate, init_weights=start_weights(run, out, args.resume))
     if model_cfg.kl_schedule == "warmup":
         attach_kl_warmup(trainer, model_cfg.kl_warmup_steps)
     if state.is_main_process:
@@ -223,6 +256,9 @@ def main(argv=None) -> None:
         print(f"{run.preset} preset, {model_cfg.model}, {num_params(trainer.raw_model) / 1e6:.2f}M parameters, "
               f"T = {model_cfg.seq_len}, {schedule}; {len(splits.train)} train / {len(splits.valid)} valid "
               f"sentences -> {out}", file=sys.stderr)
+        if run.init_from is not None:
+            print(f"fine-tuning: initial weights from {run.init_from['run']} (step {run.init_from['step']})",
+                  file=sys.stderr)
     summary = trainer.fit()
     if state.is_main_process:
         v = summary["valid"]

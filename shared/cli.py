@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import UserError
+from .free_bits import THRESHOLD_MODES, FreeBitsSchedule
 from .tracking import REPORT_TO
 
 
@@ -86,6 +87,11 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     g.add_argument("--preset", choices=presets, help="named configuration; the flags below override its fields")
     g.add_argument("--output-dir", type=Path, help="run directory (default: runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--init-from", metavar="RUN",
+                   help="fine-tuning: start a new run from the exported (EMA) weights of RUN (a run directory, a folder "
+                        "written by scripts/export.py or a hub id owner/name) with the same model config; optimiser, "
+                        "step and free-bits schedule start fresh (e.g. --free-bits 0); recorded in config.json "
+                        "(default: none, random initial weights)")
     g.add_argument("--report-to", choices=REPORT_TO,
                    help="experiment trackers besides metrics.jsonl: tensorboard (event files in "
                         "RUN/tensorboard/), wandb, mlflow, all (every one installed) or none (default: tensorboard "
@@ -109,11 +115,23 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     t.add_argument("--ema-decay", type=fraction, help="decay of the EMA weights used for evaluation and export")
     f = p.add_argument_group("free bits (DESIGN.md §5)")
     f.add_argument("--free-bits", type=nonneg_float, help="lambda per latent group, in nats (images)")
-    f.add_argument("--free-bits-budget", type=nonneg_float, help="total budget B in nats, split over the groups (text)")
-    f.add_argument("--free-bits-patience", type=positive_int, help="evaluations without improvement before B drops")
-    f.add_argument("--free-bits-factor", type=fraction, help="B <- B * factor on a plateau (0: straight to lambda = 0)")
-    f.add_argument("--free-bits-threshold", type=nonneg_float, help="improvement in nats per example that counts")
-    f.add_argument("--free-bits-min", type=nonneg_float, help="below this total budget, B becomes 0")
+    f.add_argument("--free-bits-budget", type=nonneg_float, help="total budget B in nats, split over the groups (text), "
+                                                                   "lowered on plateaus of the validation ELBO")
+    f.add_argument("--free-bits-patience", type=positive_int,
+                   help="evaluations in a row without an improvement (see --free-bits-threshold) before B drops")
+    f.add_argument("--free-bits-factor", type=fraction,
+                   help="on a plateau B <- max(B * factor, --free-bits-min) (0: straight to the floor)")
+    f.add_argument("--free-bits-threshold", type=nonneg_float,
+                   help="a validation ELBO is an improvement only when it beats the best so far by more than this; "
+                        "the best moves only on an improvement, so a slow steady gain is no plateau "
+                        "(ReduceLROnPlateau's rule)")
+    f.add_argument("--free-bits-threshold-mode", choices=THRESHOLD_MODES,
+                   help="abs: --free-bits-threshold in nats per example; rel: a fraction of |best ELBO| "
+                        "(default abs)")
+    f.add_argument("--free-bits-min", type=nonneg_float,
+                   help="floor of the total budget B in nats: B stops there (per group: floor / groups); 0 goes "
+                        f"down to the plain ELBO, reached once lambda per group would fall below "
+                        f"{FreeBitsSchedule.ZERO_BELOW:g} nats")
     f.add_argument("--analytic-kl", action="store_true", default=None,
                    help="closed-form KL for top-down groups in the training loss (reported bounds never change)")
     s = p.add_argument_group("speed and safety")

@@ -125,9 +125,10 @@ class TrainConfig:
     free_bits: float | None = None  # lambda per group (images); overrides free_bits_budget
     free_bits_budget: float = 0.0  # total budget B in nats, split over the groups (text)
     free_bits_patience: int = 4  # evaluations without improvement before the budget drops
-    free_bits_factor: float = 0.5  # B <- B * factor on a plateau (0: straight to fine-tuning)
-    free_bits_threshold: float = 0.05  # nats per data point that count as an improvement
-    free_bits_min: float = 1.0  # below this total budget, B becomes 0
+    free_bits_factor: float = 0.5  # B <- max(B * factor, free_bits_min) on a plateau (0: straight to the floor)
+    free_bits_threshold: float = 0.05  # gain over the best validation ELBO that counts as an improvement
+    free_bits_threshold_mode: str = "abs"  # abs: threshold in nats per data point; rel: a fraction of |best|
+    free_bits_min: float = 1.0  # floor of the total budget B in nats (0: down to the plain ELBO)
     analytic_kl: bool = False  # closed-form KL for TD/top groups in the training loss only
     grad_clip: float | None = None  # clip the global gradient norm to this value
     skip_threshold: float | None = None  # skip an update whose gradient norm exceeds this
@@ -151,6 +152,8 @@ class RunConfig:
     data: dict  # the modality's data config
     train: TrainConfig = field(default_factory=TrainConfig)
     extra: dict = field(default_factory=dict)  # modality-specific facts (e.g. data statistics)
+    # A fine-tuning run (--init-from): {"run": as given, "path": the resolved folder, "step": of its weights or None}
+    init_from: dict | None = None
 
     def to_json(self) -> dict:
         return to_dict(self)

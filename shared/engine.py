@@ -234,9 +234,11 @@ class Trainer:
     def __init__(self, run: rd.RunConfig, build_model: Callable[[], LatentVariableModel],
                  train_set: Dataset, valid_set: Dataset, output_dir: str | Path, resume: bool = False,
                  on_evaluate: Callable | None = None, resume_command: str | None = None,
-                 labelled_set: Dataset | None = None):
+                 labelled_set: Dataset | None = None, init_weights: str | Path | None = None):
         """``labelled_set`` (items with ``"y"``) makes the run semi-supervised (DESIGN.md §9b):
-        ``train_set`` is then the unlabelled stream, and each optimiser step draws one batch of each."""
+        ``train_set`` is then the unlabelled stream, and each optimiser step draws one batch of each.
+        ``init_weights``: a folder whose model.safetensors are the initial weights (fine-tuning, --init-from;
+        shared.train.start_weights); a checkpoint found by ``resume`` replaces them."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -288,6 +290,8 @@ class Trainer:
         # Same initial weights on every process; then per-process training noise.
         torch.manual_seed(cfg.seed)
         model = build_model()
+        if init_weights is not None:
+            rd.load_weights(init_weights, model)  # before the EMA copy: both start from the source's weights
         self.ema = EMA(model, cfg.ema_decay)
         optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -301,7 +305,7 @@ class Trainer:
         G = self.raw_model.num_groups
         budget = cfg.free_bits * G if cfg.free_bits is not None else cfg.free_bits_budget
         self.free_bits = FreeBitsSchedule(budget, G, cfg.free_bits_patience, cfg.free_bits_factor,
-                                          cfg.free_bits_threshold, cfg.free_bits_min)
+                                          cfg.free_bits_threshold, cfg.free_bits_min, cfg.free_bits_threshold_mode)
         self.state = TrainState()
         self.window = LogWindow()
         self._stop_signal: str | None = None

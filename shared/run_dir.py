@@ -69,26 +69,26 @@ def read_run_config(run_dir: str | Path, modality: str | None = None) -> RunConf
     return run
 
 
-def resolve_run(text: str | Path) -> Path:
-    """The folder a script's ``--run`` names: a local run directory or exported model folder as is,
-    else a Hugging Face Hub repository id ``owner/name`` fetched (or taken from the local cache) with
+def resolve_run(text: str | Path, flag: str = "--run") -> Path:
+    """The folder a script's ``--run`` (or ``flag``) names: a local run directory or exported model folder
+    as is, else a Hugging Face Hub repository id ``owner/name`` fetched (or taken from the local cache) with
     ``huggingface_hub.snapshot_download``. Anything that fails is one UserError naming the fix."""
     path = Path(text)
     if path.is_dir() or path.exists() or not _HUB_ID_RE.match(str(text)):
         if not path.is_dir():
-            raise UserError(f"--run {text} is not a directory; pass the --output-dir of a training run, a folder "
+            raise UserError(f"{flag} {text} is not a directory; pass the --output-dir of a training run, a folder "
                             f"written by scripts/export.py, or a hub repository id owner/name")
         return path
-    return _fetch_from_hub(str(text))
+    return _fetch_from_hub(str(text), flag)
 
 
-def _fetch_from_hub(repo_id: str) -> Path:
+def _fetch_from_hub(repo_id: str, flag: str = "--run") -> Path:
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def fail(why: str) -> UserError:
-        return UserError(f"--run {repo_id} is no local directory and could not be fetched from the Hugging Face "
+        return UserError(f"{flag} {repo_id} is no local directory and could not be fetched from the Hugging Face "
                          f"Hub ({why}); check the path or the repository id, or fetch it where the hub is reachable")
 
     revision, unreachable = None, None

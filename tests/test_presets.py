@@ -67,7 +67,8 @@ def test_binary_preset_builds_with_dense_latents():
     assert ladder.latent_channels == [48, 40, 32, 24, 16, 8]
     assert ladder.sizes() == [[28, 28], [14, 14], [14, 14], [14, 14], [14, 14], [14, 14], [7, 7]]
     assert (ladder.dropout_inference, ladder.dropout_generative) == (0.5, 0.5)
-    assert preset.model.likelihood == "bernoulli" and preset.train.free_bits_factor == 0.0  # then lambda = 0
+    assert preset.model.likelihood == "bernoulli" and preset.train.free_bits_factor == 0.0  # then lambda = 0:
+    assert preset.train.free_bits_min == 0.0  # the floor the budget stops at
     out = _forward(model)
     assert out.log_q.shape == (2, 11) and torch.isfinite(out.bound()).all()
     assert [model.ladder.latent_shape(i) for i in (1, 6)] == [(48,), (8,)]
