@@ -1,9 +1,74 @@
-"""Decoding flags shared by the text samplers (CONTRACTS.md, Sampling flags). Torch-free."""
+"""Flags shared by the text scripts: the data flags (train_text.py, prepare_text.py) and the decoding
+flags of the samplers (CONTRACTS.md, Sampling flags). Torch-free."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from shared.cli import nonneg_int, open_fraction, positive_float, positive_int
+
+from .names import TOKENIZERS
+
+
+def add_text_data_flags(p: argparse.ArgumentParser) -> None:
+    """What text to read and how to tokenise it; the same flags wherever the data is prepared."""
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", help="hub dataset read as plain text, one sentence per row (default bookcorpus "
+                                     "= rojagtap/bookcorpus); ignored with --train-files")
+    d.add_argument("--train-files", nargs="+", type=Path, metavar="FILE",
+                   help="local UTF-8 text files, one sentence per line (instead of the hub dataset)")
+    d.add_argument("--valid-files", nargs="+", type=Path, metavar="FILE", help="validation sentences (default: carved from the training text)")
+    d.add_argument("--test-files", nargs="+", type=Path, metavar="FILE", help="test sentences (default: carved from the training text)")
+    d.add_argument("--valid-size", type=positive_int, help="validation sentences to carve (default 10000, at most a tenth)")
+    d.add_argument("--test-size", type=positive_int, help="test sentences to carve (default 10000, at most a tenth)")
+    d.add_argument("--max-sentences", type=positive_int, help="read at most this many training sentences (quick runs; default: all)")
+    d.add_argument("--tokenizer", choices=TOKENIZERS, help="SentencePiece model: word (the paper's, sentences with "
+                                                           "out-of-vocabulary words are dropped) or unigram (default word)")
+    d.add_argument("--vocab-size", type=positive_int, help="pieces, specials included (default 20000)")
+    d.add_argument("--max-tokens", type=positive_int, help="longest sentence kept, in pieces without EOS (default 40)")
+    d.add_argument("--tokenizer-sample", type=positive_int, help="sentences the tokenizer is trained on (default 2000000)")
+    d.add_argument("--cache-dir", type=Path, help="token store cache (default ~/.cache/biva/text)")
+
+
+def check_text_data_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("train_files", "valid_files", "test_files"):
+        for path in getattr(args, name) or []:
+            if not path.is_file():
+                p.error(f"--{name.replace('_', '-')} {path} is not a file")
+    if args.train_files and args.dataset:
+        p.error("--dataset and --train-files both name the training text; pass one of them")
+    if args.vocab_size is not None and not 5 <= args.vocab_size <= 65536:
+        p.error(f"--vocab-size must be between 5 and 65536, got {args.vocab_size}")
+
+
+def data_config(args):
+    from biva_text.data import TextDataConfig
+
+    cfg = TextDataConfig(split_seed=args.split_seed or 0)
+    if args.train_files:
+        cfg.dataset = "files"
+        cfg.train_files = [str(p) for p in args.train_files]
+    elif args.dataset:
+        cfg.dataset = args.dataset
+    cfg.valid_files = [str(p) for p in args.valid_files or []]
+    cfg.test_files = [str(p) for p in args.test_files or []]
+    for name in ("valid_size", "test_size", "max_sentences", "tokenizer", "vocab_size", "max_tokens", "tokenizer_sample"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    return cfg
+
+
+def print_data_stats(stats: dict, file=None) -> None:
+    file = file or sys.stderr
+    tok = stats["tokenizer"]
+    print(f"tokenizer: {tok['model_type']}, {tok['vocab_size']} pieces (asked {tok['vocab_size_requested']}); "
+          f"sentences of at most {stats['max_tokens']} pieces", file=file)
+    for name, c in stats["splits"].items():
+        print(f"  {name:5s}: {c['kept']} sentences kept of {c['sentences']} ({c['too_long']} too long, "
+              f"{c['oov']} with out-of-vocabulary words), {c['tokens']} tokens", file=file)
+    print(f"tokenizer {'trained now' if tok['trained_now'] else 'reused'} ({stats['tokenizer_path']}); token store "
+          f"{'reused' if stats['cache_hit'] else 'encoded now'} ({stats['store']})", file=file)
 
 
 def add_decoding_flags(p: argparse.ArgumentParser, default: str) -> None:
