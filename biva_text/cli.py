@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import nonneg_int, open_fraction, positive_float, positive_int
+from shared.cli import nonneg_float, nonneg_int, open_fraction, positive_float, positive_int
 
 from .names import TOKENIZERS
 
@@ -78,7 +78,14 @@ def add_decoding_flags(p: argparse.ArgumentParser, default: str) -> None:
     how.add_argument("--sample", dest="method", action="store_const", const="sample",
                      help="draw each token from the softmax (with --temperature, --top-p)")
     how.add_argument("--greedy", dest="method", action="store_const", const="greedy", help="the most likely token at each step")
-    how.add_argument("--beam", type=positive_int, metavar="K", help="beam search of width K")
+    how.add_argument("--beam", type=positive_int, metavar="K", help="beam search of width K, hypotheses ranked by "
+                                                                    "GNMT's length-normalised log-probability")
+    g.add_argument("--length-penalty", type=nonneg_float, default=0.6, metavar="ALPHA",
+                   help="beam search ranks log p(y) / ((5 + |y|) / 6) ** ALPHA, |y| = generated tokens with EOS "
+                        "(Wu et al. 2016; default 0.6; 0 = total log-probability, which favours short sentences)")
+    g.add_argument("--n-best", type=positive_int, default=1, metavar="K",
+                   help="print the K best beam hypotheses per sentence with their normalised scores in nats "
+                        "(needs --beam of at least K; default 1)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="token softmax temperature when sampling (default 1)")
     g.add_argument("--top-p", type=open_fraction, default=1.0,
                    help="sample from the smallest set of tokens with this much probability (default 1: all)")
@@ -105,5 +112,60 @@ def open_for_decoding(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _, model, tokenizer = load_text_run(args.run, device)
     opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
-                         beam=args.beam or 1, seed=args.seed).validate()
+                         beam=args.beam or 1, seed=args.seed, length_penalty=args.length_penalty,
+                         n_best=args.n_best).validate()
     return model, tokenizer, opts
+
+
+def check_n_best(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.n_best > 1 and (args.beam or 0) < args.n_best:
+        p.error(f"--n-best {args.n_best} needs --beam K with K >= {args.n_best}")
+
+
+def n_best_lines(sentences: list[str], scores, prefix: str = "") -> list[str]:
+    """One line per hypothesis: its length-normalised score (nats) and the sentence."""
+    return [f"{prefix}{float(score):9.3f}  {sentence}" for sentence, score in zip(sentences, scores)]
+
+
+def levels_arg(text: str) -> list[tuple[int | None, int | None]]:
+    """--levels: comma-separated levels or inclusive ranges, open at either end: "7", "3,4", "5..7",
+    "5.." (5 to the top), "..2", "1,5..". Checked against the model once it is loaded."""
+    ranges = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("..")
+        try:
+            bounds = (int(lo) if lo else None, int(hi) if hi else None) if sep else (int(part),) * 2
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read {part!r}; expected levels like 7, 3,4, 5..7 or 5..") from None
+        if sep and lo == hi == "" or any(b is not None and b < 1 for b in bounds):
+            raise argparse.ArgumentTypeError(f"cannot read {part!r}; levels are numbered from 1 (the lowest)")
+        ranges.append(bounds)
+    return ranges
+
+
+def resolve_levels(ranges: list[tuple[int | None, int | None]], num_levels: int) -> list[int]:
+    """The levels named by ``levels_arg``'s ranges, for a model of ``num_levels`` levels."""
+    from shared.errors import UserError
+
+    chosen = set()
+    for lo, hi in ranges:
+        lo, hi = lo or 1, hi or num_levels
+        if hi > num_levels or lo > hi:
+            raise UserError(f"--levels {lo}..{hi} is outside this model's levels 1..{num_levels}")
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)
+
+
+def read_input(path: Path | None) -> list[str]:
+    """Non-blank lines of a UTF-8 file (or standard input), stripped."""
+    from shared.errors import UserError
+
+    if path is None:
+        text = sys.stdin.read()
+    else:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; give one sentence per line in UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
