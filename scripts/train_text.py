@@ -17,8 +17,9 @@ to samples/step_N.txt at every evaluation.
 
 Under accelerate launch / torchrun, rank 0 prepares the data (tokenizer, token store) before the
 processes connect and the other ranks wait for the finished store on disk, so no collective times
-out however long the corpus takes; scripts/prepare_text.py does the same preparation beforehand, on
-every core, and this script then reuses it.
+out however long the corpus takes (on several nodes the run and --cache-dir folders must be on a shared
+filesystem); scripts/prepare_text.py does the same preparation beforehand, on every core, and this
+script then reuses it.
 """
 from __future__ import annotations
 

@@ -81,6 +81,19 @@ def test_prompt_is_continued(biva_run, capsys):
         assert len(lines) == 4 and all(line.startswith("the big cat") for line in lines), lines
     code, _, err = run_script("sample_text", ["--run", biva_run, "--prompt", " ".join(["the"] * 13)], capsys)
     assert code == 2 and "--prompt" in err
+    # The prompt goes through the decoder: prompting greedy decoding with its own first pieces changes nothing.
+    _, model, _ = load_text_run(biva_run)
+    ids = torch.arange(4)
+    cond = model.condition_prior(4, HashedNoise(1, ids), 1.0)
+    opts = DecodeOptions(method="greedy")
+    free = generate(model, cond, ids, opts)
+    checked = 0
+    for i in range(4):
+        prompt = free[i, :3].tolist()
+        if EOS_ID not in prompt:
+            assert torch.equal(generate(model, cond[i:i + 1], ids[i:i + 1], opts, prefix=prompt)[0], free[i])
+            checked += 1
+    assert checked
 
 
 def test_levels_interpolate_only_the_chosen_levels(biva_run, capsys):
