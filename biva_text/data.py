@@ -29,8 +29,10 @@ pieces without begin/end markers), then with the ``word`` model a word outside t
 Tokenizer
     Trained on a bounded sample of the training split (every k-th training sentence for files, the
     first ones of a stream), stored as ``<run_dir>/tokenizer.model`` and reused when it is there, so
-    a resumed run never retrains it. Call ``prepare_text_data`` on the main process first when
-    several processes share the run directory.
+    a resumed run never retrains it. A copy under ``<cache_dir>/tokenizers/`` (keyed by the data
+    source, tokenizer settings and split rule) lets a new run on the same data, or
+    ``scripts/prepare_text.py`` before it, share the tokenizer and hence the token store. When several
+    processes share the run directory, one prepares and the others ``wait_for_text_data``.
 
 Token store
     Each split is encoded once (SentencePiece's multi-threaded batch encode) into
@@ -49,6 +51,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import uuid
 import warnings
 from abc import ABC, abstractmethod
@@ -60,6 +63,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shared.debug_hooks import prepare_hook
 from shared.errors import UserError
 from shared.run_dir import file_sha256
 
@@ -632,16 +636,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "biva" / "text"
 
 
-def store_fingerprint(cfg: TextDataConfig, source_description: dict, tokenizer_sha256: str) -> str:
-    key = {
-        "format": _STORE_FORMAT,
-        "source": source_description,
-        "tokenizer_sha256": tokenizer_sha256,
-        "max_tokens": cfg.max_tokens,
-        "split": {"seed": cfg.split_seed, "test_size": cfg.test_size, "valid_size": cfg.valid_size,
-                  "max_sentences": cfg.max_sentences},
-    }
+def _split_key(cfg: TextDataConfig) -> dict:
+    return {"seed": cfg.split_seed, "test_size": cfg.test_size, "valid_size": cfg.valid_size,
+            "max_sentences": cfg.max_sentences}
+
+
+def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def store_fingerprint(cfg: TextDataConfig, source_description: dict, tokenizer_sha256: str) -> str:
+    return _digest({"format": _STORE_FORMAT, "source": source_description, "tokenizer_sha256": tokenizer_sha256,
+                    "max_tokens": cfg.max_tokens, "split": _split_key(cfg)})
+
+
+def cached_tokenizer_path(cfg: TextDataConfig, source_description: dict, cache_root: Path) -> Path:
+    """Where the tokenizer trained on this data with these settings is kept, so that every run on the
+    same data (and scripts/prepare_text.py before them) shares one tokenizer and so one token store.
+    The sample depends on the split rule (only training sentences are used), not on max_tokens."""
+    key = _digest({"format": _STORE_FORMAT, "source": source_description, "tokenizer": cfg.tokenizer,
+                   "vocab_size": cfg.vocab_size, "tokenizer_sample": cfg.tokenizer_sample, "split": _split_key(cfg)})
+    return cache_root / "tokenizers" / f"{key}.model"
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,9 +684,14 @@ def _make_source(cfg: TextDataConfig) -> _Source:
     return _FileSource(cfg) if cfg.train_files else _HubSource(cfg)
 
 
-def prepare_text_data(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str | Path | None = None,
+def prepare_text_data(cfg: TextDataConfig, run_dir: str | Path | None, cache_dir: str | Path | None = None,
                       num_proc: int | None = None) -> TextSplits:
     """Read, split, train or reuse ``<run_dir>/tokenizer.model``, and encode into the cached store.
+
+    Two stages, each finished atomically and skipped when already done (so an interrupted
+    preparation restarts at the stage it was in): the tokenizer (kept in the run directory and in
+    ``<cache_dir>/tokenizers/``, whence a new run on the same data copies it) and the token store.
+    ``run_dir`` None (scripts/prepare_text.py) fills the cache only.
 
     ``stats`` holds ``read`` (per source: lines, empty, undecodable, sentences), ``splits`` (per
     split: sentences, too_long, oov, kept, tokens), ``split_rule``, ``tokenizer`` (type, asked and
@@ -679,19 +699,27 @@ def prepare_text_data(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str |
     ``cache_hit``. ``num_proc`` is the number of encoding threads (default: all CPUs).
     """
     validate_text_config(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     num_threads = num_proc or os.cpu_count() or 1
     source = _make_source(cfg)
-    tokenizer_path = run_dir / "tokenizer.model"
+    shared_tokenizer = cached_tokenizer_path(cfg, source.describe(), cache_root)
+    if run_dir is None:
+        tokenizer_path = shared_tokenizer
+    else:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_path = run_dir / "tokenizer.model"
 
     planned = False
     sample_size = None
+    if not tokenizer_path.exists() and shared_tokenizer.exists():
+        _copy_atomic(shared_tokenizer, tokenizer_path)
     if not tokenizer_path.exists():
         source.plan()
         planned = True
         sample_size = _train_run_tokenizer(source, cfg, tokenizer_path, num_threads)
+    if not shared_tokenizer.exists():
+        _copy_atomic(tokenizer_path, shared_tokenizer)
     tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.model_type != cfg.tokenizer:
         raise UserError(f"{tokenizer_path} is a {tokenizer.model_type} tokenizer but --tokenizer {cfg.tokenizer} was asked; "
@@ -715,6 +743,55 @@ def prepare_text_data(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str |
     arrays = _load_store(store)
     return TextSplits(train=arrays["train"], valid=arrays["valid"], test=arrays["test"],
                       tokenizer_path=tokenizer_path, stats=stats)
+
+
+def text_data_ready(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str | Path | None = None) -> bool:
+    """Whether ``prepare_text_data`` would find both stages done (the token store's completion marker,
+    ``stats.json``, is in place), without reading any text."""
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = _make_source(cfg)
+    tokenizer = Path(run_dir) / "tokenizer.model"
+    if not tokenizer.exists():
+        tokenizer = cached_tokenizer_path(cfg, source.describe(), cache_root)
+        if not tokenizer.exists():
+            return False
+    store = cache_root / store_fingerprint(cfg, source.describe(), file_sha256(tokenizer))
+    return (store / "stats.json").exists()
+
+
+def wait_for_text_data(cfg: TextDataConfig, run_dir: str | Path, cache_dir: str | Path | None = None,
+                       poll_s: float = 1.0, say=None) -> None:
+    """Block until another process has prepared the data (a file barrier: no collective, so no
+    timeout however long BookCorpus takes; the launcher stops this process if that one fails)."""
+    if text_data_ready(cfg, run_dir, cache_dir):
+        return
+    if say is not None:
+        say()
+    while not text_data_ready(cfg, run_dir, cache_dir):
+        time.sleep(poll_s)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(store: Path) -> None:
+    """Temporary folders of this store left by a killed preparation on this machine (its pid is gone)."""
+    for tmp in store.parent.glob(f".{store.name}.tmp-*"):
+        pid = tmp.name.split("-")[-2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _train_run_tokenizer(source: _Source, cfg: TextDataConfig, tokenizer_path: Path, num_threads: int) -> int:
@@ -741,9 +818,11 @@ def _train_run_tokenizer(source: _Source, cfg: TextDataConfig, tokenizer_path: P
 def _build_store(source: _Source, tokenizer: Tokenizer, cfg: TextDataConfig, store: Path, num_threads: int,
                  tokenizer_stats: dict) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(store)
     tmp = store.parent / f".{store.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        prepare_hook("encode")
         split_counts = _encode_store(source, tokenizer, cfg.max_tokens, tmp, num_threads)
         for name in SPLITS:
             if split_counts[name]["kept"] == 0:

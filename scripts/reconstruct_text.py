@@ -8,9 +8,10 @@
 One sentence per line, tokenised like the training text (BookCorpus: lower-cased, spaces around
 punctuation). Prints each input ("> ") beside its reconstruction ("< "). Decoding is greedy unless
 --sample or --beam is given. --from-level k keeps the posterior of levels above k and draws levels
-<= k from the conditional prior (as for images; 0 = the full posterior). Sentences the model
-cannot read (words outside a word tokenizer's vocabulary, too many pieces) are skipped and counted
-on stderr.
+<= k from the conditional prior (as for images; 0 = the full posterior). Words outside a word
+tokenizer's vocabulary read as <unk> (named in one warning line on stderr); sentences with too many
+pieces are skipped and counted on stderr. --beam K --n-best K' prints the K' best reconstructions
+with their length-normalised scores (nats).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_text.cli import add_decoding_flags, open_for_decoding  # noqa: E402
+from biva_text.cli import add_decoding_flags, check_n_best, n_best_lines, open_for_decoding, read_input  # noqa: E402
 from shared.cli import ArgumentParser, nonneg_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 from shared.run_dir import resolve_run  # noqa: E402
@@ -38,21 +39,11 @@ def parse_args(argv=None):
                    help="draw latent levels <= k from the prior, keep the posterior above (default 0)")
     add_decoding_flags(p, "greedy")
     args = p.parse_args(argv)
+    check_n_best(p, args)
     args.run = resolve_run(args.run)
     if args.input is not None and not args.input.is_file():
         p.error(f"--input {args.input} is not a file")
     return args
-
-
-def read_input(path: Path | None) -> list[str]:
-    if path is None:
-        text = sys.stdin.read()
-    else:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text; give one sentence per line in UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def main(argv=None) -> list[tuple[str, str]]:
@@ -62,21 +53,30 @@ def main(argv=None) -> list[tuple[str, str]]:
     if not sentences:
         raise UserError(f"{source} has no sentence; give one sentence per line")
 
-    from biva_text.decode import encode_sentences, reconstruct, to_text
+    from biva_text.decode import encode_sentences, reconstruct, to_text, warn_unknown
 
     model, tokenizer, opts = open_for_decoding(args)
     encoded = encode_sentences(tokenizer, sentences, model.cfg.max_tokens)
     for sentence, why in encoded.skipped:
         print(f"skipped: {sentence!r} ({why})", file=sys.stderr)
+    warn_unknown(encoded)
     if not encoded.kept:
         raise UserError(f"no usable sentence in {source}: all {len(sentences)} were skipped "
                         f"({encoded.skipped[0][1]} in the first); use sentences in the run's vocabulary")
     pairs = []
     for start in range(0, len(encoded.kept), BATCH):
         batch = {k: v[start:start + BATCH].to(next(model.parameters()).device) for k, v in encoded.batch.items()}
-        pairs += zip(encoded.kept[start:start + BATCH], to_text(tokenizer, reconstruct(model, batch, opts, args.from_level)))
-    for original, rebuilt in pairs:
-        print(f"> {original}\n< {rebuilt}\n")
+        out = reconstruct(model, batch, opts, args.from_level)
+        if opts.n_best > 1:
+            tokens, scores = out
+            for original, texts, row in zip(encoded.kept[start:start + BATCH], to_text(tokenizer, tokens), scores.tolist()):
+                pairs.append((original, texts[0]))
+                print("\n".join([f"> {original}", *n_best_lines(texts, row, "< "), ""]))
+        else:
+            pairs += zip(encoded.kept[start:start + BATCH], to_text(tokenizer, out))
+    if opts.n_best == 1:
+        for original, rebuilt in pairs:
+            print(f"> {original}\n< {rebuilt}\n")
     if encoded.skipped:
         print(f"reconstructed {len(encoded.kept)} sentences, skipped {len(encoded.skipped)} of {len(sentences)}",
               file=sys.stderr)

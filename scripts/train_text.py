@@ -14,6 +14,12 @@ books_large_p2.txt once and pass them with --train-files to work offline). Witho
 --test-files, seeded held-out splits are carved from the training text. The tokenizer is trained
 once and stored in the run directory (tokenizer.model); a sample of generated sentences is written
 to samples/step_N.txt at every evaluation.
+
+Under accelerate launch / torchrun, rank 0 prepares the data (tokenizer, token store) before the
+processes connect and the other ranks wait for the finished store on disk, so no collective times
+out however long the corpus takes (on several nodes the run and --cache-dir folders must be on a shared
+filesystem); scripts/prepare_text.py does the same preparation beforehand, on every core, and this
+script then reuses it.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biva_text.names import KL_SCHEDULES, TEXT_MODELS, TEXT_PRESETS, TOKENIZERS  # noqa: E402
+from biva_text.cli import add_text_data_flags, check_text_data_flags, data_config, print_data_stats  # noqa: E402
+from biva_text.names import KL_SCHEDULES, TEXT_MODELS, TEXT_PRESETS  # noqa: E402
 from shared.cli import ArgumentParser, add_training_flags, fraction, nonneg_int, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
@@ -36,22 +43,7 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", help="hub dataset read as plain text, one sentence per row (default bookcorpus "
-                                     "= rojagtap/bookcorpus); ignored with --train-files")
-    d.add_argument("--train-files", nargs="+", type=Path, metavar="FILE",
-                   help="local UTF-8 text files, one sentence per line (instead of the hub dataset)")
-    d.add_argument("--valid-files", nargs="+", type=Path, metavar="FILE", help="validation sentences (default: carved from the training text)")
-    d.add_argument("--test-files", nargs="+", type=Path, metavar="FILE", help="test sentences (default: carved from the training text)")
-    d.add_argument("--valid-size", type=positive_int, help="validation sentences to carve (default 10000, at most a tenth)")
-    d.add_argument("--test-size", type=positive_int, help="test sentences to carve (default 10000, at most a tenth)")
-    d.add_argument("--max-sentences", type=positive_int, help="read at most this many training sentences (quick runs; default: all)")
-    d.add_argument("--tokenizer", choices=TOKENIZERS, help="SentencePiece model: word (the paper's, sentences with "
-                                                           "out-of-vocabulary words are dropped) or unigram (default word)")
-    d.add_argument("--vocab-size", type=positive_int, help="pieces, specials included (default 20000)")
-    d.add_argument("--max-tokens", type=positive_int, help="longest sentence kept, in pieces without EOS (default 40)")
-    d.add_argument("--tokenizer-sample", type=positive_int, help="sentences the tokenizer is trained on (default 2000000)")
-    d.add_argument("--cache-dir", type=Path, help="token store cache (default ~/.cache/biva/text)")
+    add_text_data_flags(p)
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=TEXT_MODELS, help="biva-lstm (default), biva (no autoregression), "
                                                         "lstm-lm or rnn-vae (baselines)")
@@ -64,12 +56,7 @@ def parse_args(argv=None):
                                                               "linearly from 0 to 1 (warmup; default: the preset's)")
     add_training_flags(p, list(TEXT_PRESETS), modality="text")
     args = p.parse_args(argv)
-    for name in ("train_files", "valid_files", "test_files"):
-        for path in getattr(args, name) or []:
-            if not path.is_file():
-                p.error(f"--{name.replace('_', '-')} {path} is not a file")
-    if args.train_files and args.dataset:
-        p.error("--dataset and --train-files both name the training text; pass one of them")
+    check_text_data_flags(p, args)
     if args.model == "lstm-lm" and (args.kl_schedule or args.kl_warmup_steps is not None):
         p.error("lstm-lm has no latent variables; drop --kl-schedule / --kl-warmup-steps")
     if args.word_dropout is not None and args.word_dropout >= 1:
@@ -78,8 +65,6 @@ def parse_args(argv=None):
         p.error("biva (no autoregression) has no decoder inputs to drop; drop --word-dropout")
     if args.kl_warmup_steps is not None and args.kl_schedule == "free-bits":
         p.error("--kl-warmup-steps needs --kl-schedule warmup")
-    if args.vocab_size is not None and not 5 <= args.vocab_size <= 65536:
-        p.error(f"--vocab-size must be between 5 and 65536, got {args.vocab_size}")
     return args
 
 
@@ -99,32 +84,6 @@ def fine_tuning_defaults(args, source) -> None:
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the --init-from run's {theirs} "
                             f"(a fine-tuning run keeps its tokenizer); drop the flag")
         setattr(args, name, theirs)
-
-
-def data_config(args):
-    from biva_text.data import TextDataConfig
-
-    cfg = TextDataConfig(split_seed=args.split_seed or 0)
-    if args.train_files:
-        cfg.dataset = "files"
-        cfg.train_files = [str(p) for p in args.train_files]
-    elif args.dataset:
-        cfg.dataset = args.dataset
-    cfg.valid_files = [str(p) for p in args.valid_files or []]
-    cfg.test_files = [str(p) for p in args.test_files or []]
-    for name in ("valid_size", "test_size", "max_sentences", "tokenizer", "vocab_size", "max_tokens", "tokenizer_sample"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    return cfg
-
-
-def print_data_stats(stats: dict, file=sys.stderr) -> None:
-    tok = stats["tokenizer"]
-    print(f"tokenizer: {tok['model_type']}, {tok['vocab_size']} pieces (asked {tok['vocab_size_requested']}); "
-          f"sentences of at most {stats['max_tokens']} pieces", file=file)
-    for name, c in stats["splits"].items():
-        print(f"  {name:5s}: {c['kept']} sentences kept of {c['sentences']} ({c['too_long']} too long, "
-              f"{c['oov']} with out-of-vocabulary words), {c['tokens']} tokens", file=file)
 
 
 def attach_kl_warmup(trainer, steps: int) -> None:
@@ -156,13 +115,13 @@ def main(argv=None) -> None:
         dataset = args.dataset or DEFAULT_DATASET
         require_hub_dataset(HUB_ALIASES.get(dataset, dataset), HUB_FIX)
     # Heavy imports only after the flags are known to be good.
-    from biva_text.data import TextDataConfig, TextDataset, prepare_text_data
+    from biva_text.data import TextDataConfig, TextDataset, prepare_text_data, wait_for_text_data
     from biva_text.decode import DecodeOptions, sample_prior, to_text
     from biva_text.model import TextModelConfig, build_text_model, num_params
     from biva_text.presets import get_preset
     from shared.cli import default_output_dir, training_overrides
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer, process_state
+    from shared.engine import Trainer, launched_rank, process_state
     from shared.run_dir import check_output_dir, read_run_config, write_run_config
     from shared.train import check_same_model, open_run, start_weights
 
@@ -193,22 +152,27 @@ def main(argv=None) -> None:
 
     if source is not None:  # before anything is written: the tokenizer copy below is the first write
         check_same_model(source, to_dict(model_config(source.config.model["vocab_size"]).model))
-    state = process_state()  # not PartialState(): CPU processes under torchrun must join
+    # Preparing BookCorpus takes far longer than a collective's timeout, so it happens before the process
+    # group forms: rank 0 prepares, the other ranks wait for the finished store on disk (a file barrier).
+    main_rank = launched_rank() == 0
     had_tokenizer = (out / "tokenizer.model").exists()
     had_dir = out.exists()
     try:
-        if source is not None and not had_tokenizer and state.is_main_process:
+        if source is not None and not had_tokenizer and main_rank:
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source.path / "tokenizer.model", out / "tokenizer.model")
-        with state.main_process_first():  # the main process trains the tokenizer and fills the cache
-            splits = prepare_text_data(data_cfg, out, cache_dir=cache_dir)
+        if not main_rank:
+            wait_for_text_data(data_cfg, out, cache_dir, say=lambda: print(
+                f"rank {launched_rank()}: waiting for rank 0 to prepare the text data", file=sys.stderr))
+        splits = prepare_text_data(data_cfg, out, cache_dir=cache_dir)
     except BaseException:
-        if state.is_main_process and not args.resume and not had_tokenizer:  # leave no half-made run behind
+        if main_rank and not args.resume and not had_tokenizer:  # leave no half-made run behind
             for suffix in (".model", ".vocab"):
                 (out / f"tokenizer{suffix}").unlink(missing_ok=True)
             if not had_dir and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
+    state = process_state()  # not PartialState(): CPU processes under torchrun must join
     vocab_size = splits.load_tokenizer().vocab_size
 
     def fresh_run() -> RunConfig:

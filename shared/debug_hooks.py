@@ -18,6 +18,10 @@ attempts (1-based, skipped ones included) for the first four, optimiser steps fo
   temporary folder and ``OSError(ENOSPC)`` is raised (on every process, or on RANK only)
 - ``enospc-export@N``: the same while the weights of checkpoint N are exported, after its rename
 
+``BIVA_PREPARE_DELAY_S``: the text preparation sleeps this many seconds before it encodes the token
+store (a slow corpus, longer than a short ``BIVA_DIST_TIMEOUT_S``, for the multi-process test).
+``BIVA_PREPARE_KILL=encode``: SIGKILL as the token store's encoding starts (an interrupted preparation).
+
 ``BIVA_DUMP_DIR``: when training ends or is preempted, every process writes its trained and EMA
 weights (``rank<R>.safetensors``) and its step, data position and free-bits state (``rank<R>.json``),
 so a test can check that all processes hold the same state.
@@ -28,6 +32,7 @@ import errno
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
@@ -58,6 +63,15 @@ class Faults:
         if (kind, n) in self.active:
             Path(path).write_bytes(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def prepare_hook(stage: str) -> None:
+    """The text preparation's hooks (see the module docstring); ``stage`` is "encode"."""
+    delay = float(os.environ.get("BIVA_PREPARE_DELAY_S") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    if os.environ.get("BIVA_PREPARE_KILL") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def dump_state(trainer) -> None:

@@ -62,11 +62,23 @@ def launched_processes() -> int:
     return max(int(os.environ.get(name, "1")) for name in names)
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched), readable before the group forms."""
+    names = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+    return max(int(os.environ.get(name, "0")) for name in names)
+
+
 def process_state():
     """Accelerate's process state, set up so that CPU processes started by torchrun join (gloo).
-    Scripts call this instead of ``accelerate.PartialState()``."""
+    Scripts call this instead of ``accelerate.PartialState()``. ``BIVA_DIST_TIMEOUT_S`` sets the
+    process group's collective timeout (torch's default otherwise; the tests shorten it)."""
     from accelerate import PartialState
 
+    timeout = os.environ.get("BIVA_DIST_TIMEOUT_S")
+    if timeout:
+        from datetime import timedelta
+
+        return PartialState(cpu=use_cpu(), timeout=timedelta(seconds=float(timeout)))
     return PartialState(cpu=use_cpu())
 
 

@@ -116,6 +116,7 @@ class LadderOutput:
     scored: list[bool]  # per group: part of the bound (levels > k)
     kl_analytic: torch.Tensor | None = None  # (B, G): closed form for TD/top groups, sampled for BU
     means: list[torch.Tensor] | None = None  # posterior means per group (mode "posterior_mean")
+    scales: list[torch.Tensor] | None = None  # and their posterior standard deviations
     samples: list[torch.Tensor | None] | None = None  # the value of every group (None where not drawn)
 
 
@@ -306,6 +307,7 @@ class Ladder(nn.Module):
         log_p = [None] * G
         kl_an = [None] * G
         means = [None] * G
+        scales = [None] * G
         samples = [None] * G
         scored = [info["level"] > k for info in self.group_info]
 
@@ -349,6 +351,7 @@ class Ladder(nn.Module):
             z = draw(q, g)
             prior = top_prior if y is not None else standard_normal_like(q.mu.shape, q.mu.device)
             log_q[g], log_p[g], means[g] = q.log_prob(z), prior.log_prob(z), q.mu
+            scales[g] = q.sigma
             if analytic_kl:
                 kl_an[g] = q.kl(prior)
         else:
@@ -373,6 +376,7 @@ class Ladder(nn.Module):
                 if posterior_here:
                     z = z_bu[i]
                     log_q[g], log_p[g], means[g] = q_bu[i].log_prob(z), p.log_prob(z), q_bu[i].mu
+                    scales[g] = q_bu[i].sigma
                     if analytic_kl:
                         kl_an[g] = log_q[g] - log_p[g]  # single-sample estimate: required for BU groups
                 else:
@@ -385,6 +389,7 @@ class Ladder(nn.Module):
                 (q,) = self.q_td[i - 1](self.q_merge[i - 1](torch.cat([d, e[i]], dim=1)))
                 z = draw(q, g)
                 log_q[g], log_p[g], means[g] = q.log_prob(z), p.log_prob(z), q.mu
+                scales[g] = q.sigma
                 if analytic_kl:
                     kl_an[g] = q.kl(p)
             else:
@@ -410,5 +415,6 @@ class Ladder(nn.Module):
             scored=scored,
             kl_analytic=stack(kl_an) if analytic_kl and infer else None,
             means=means if use_mean else None,
+            scales=scales if use_mean else None,
             samples=samples,
         )

@@ -203,7 +203,7 @@ def test_bad_input_is_one_clear_line(world, name, args, names):
 # ------------------------------------------------------------ every numeric flag of every script
 SCRIPTS = ["train_image.py", "sample_image.py", "reconstruct_image.py", "report_image.py", "compare_image.py",
            "train_text.py", "sample_text.py", "reconstruct_text.py", "report_text.py", "interpolate_text.py",
-           "compare_text.py"]
+           "compare_text.py", "prepare_text.py", "encode_text.py"]
 
 
 def _parser_of(script):
