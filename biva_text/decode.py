@@ -101,7 +101,7 @@ def generate(model, cond: torch.Tensor | None, ids: torch.Tensor, opts: DecodeOp
     tokens = torch.full((n, max_len), PAD_ID, dtype=torch.long, device=device)
     prev = torch.full((n,), BOS_ID, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    state = None
+    state = model.initial_decoder_state(cond)  # None: zeros
     for t in range(max_len):
         logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
         logits = _never(logits)
@@ -140,7 +140,7 @@ def _beam_search(model, cond, n, K, max_len, device) -> torch.Tensor:
     only_pad = torch.full((V,), float("-inf"), device=device)
     only_pad[PAD_ID] = 0.0  # a finished hypothesis continues with PAD at no cost
     prev = torch.full((n * K,), BOS_ID, dtype=torch.long, device=device)
-    state = None
+    state = model.initial_decoder_state(cond)  # None: zeros
     rows = torch.arange(n, device=device)[:, None] * K
     for t in range(max_len):
         logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
