@@ -164,7 +164,7 @@ def _check_prefix(prefix: list[int] | None, max_len: int) -> list[int]:
 def _feed_prefix(model, cond, prefix: list[int], n: int, device):
     """The decoder's state after reading BOS and the prefix, and the next input token (n,)."""
     prev = torch.full((n,), BOS_ID, dtype=torch.long, device=device)
-    state = None
+    state = model.initial_decoder_state(cond)  # None: zeros
     for t, token in enumerate(prefix):
         _, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
         prev = torch.full((n,), token, dtype=torch.long, device=device)

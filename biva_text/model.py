@@ -9,6 +9,9 @@
     lstm-lm    an LSTM language model (no latent variables, G = 0)
     rnn-vae    Bowman et al. (2015): an LSTM encoder, one Gaussian latent concatenated to the
                decoder's input at every step, an LSTM decoder
+    hybrid-vae, hybrid-vae-conv
+               Semeniuta et al. (2017): a convolutional encoder, a deconvolutional decoder whose
+               features feed the LSTM (or, -conv, the softmax directly); see hybrid.py
 
 Shared choices:
     * Sentences are padded with PAD (id 0) to a fixed length T: max_tokens + 1 (pieces + EOS)
@@ -41,15 +44,27 @@ from shared.ladder import LadderConfig
 from shared.model import LadderModel, LatentVariableModel, ModelOutput
 from shared.nn import WNConv
 
-from .names import KL_SCHEDULES, LADDER_MODELS, TEXT_MODELS
+from .names import (DECODER_INITS, DECODER_INPUTS, HYBRID_MODELS, KL_SCHEDULES, LADDER_MODELS, NON_AUTOREGRESSIVE,
+                    TEXT_MODELS)
 from .tokenizer import BOS_ID, PAD_ID, UNK_ID
 
 RNN_VAE_KEY = 0  # noise key of the RNN-VAE's latent (its only group)
 
 
 @dataclass
+class HybridConfig:
+    """The Hybrid VAE's convolutional parts (Semeniuta et al. 2017; the widths are those of the authors'
+    released code, ssemeniuta/textvae, three-layer setting: BIVA's paper does not give them)."""
+
+    conv_channels: list[int] = field(default_factory=lambda: [128, 256, 512])  # encoder, stride 2 each; the decoder mirrors it
+    kernel: int = 3
+    feature_channels: int = 200  # the deconvolution's output: what the LSTM and the auxiliary softmax read
+    aux_weight: float = 0.2  # alpha of J = ELBO + alpha * J_aux (training only; the authors' README example)
+
+
+@dataclass
 class TextModelConfig:
-    model: str = "biva-lstm"  # biva-lstm | biva | lstm-lm | rnn-vae
+    model: str = "biva-lstm"  # biva-lstm | biva | lstm-lm | rnn-vae | hybrid-vae | hybrid-vae-conv
     vocab_size: int = 20000  # the tokenizer's actual size
     max_tokens: int = 40  # pieces per sentence, without EOS
     embedding_dim: int = 512  # E, also the width of the tied output projection
@@ -58,7 +73,11 @@ class TextModelConfig:
     kl_schedule: str | None = "free-bits"  # free-bits | warmup | None (lstm-lm)
     kl_warmup_steps: int = 0  # optimiser steps of the linear KL warm-up (kl_schedule "warmup")
     word_dropout: float = 0.0  # training only: decoder inputs replaced by UNK (Bowman et al. 2015); 0 = the paper
+    decoder_input: str = "concat"  # the LSTM reads [embedding, cond_t] (concat), gain * cond_t (scaled) or gain * layernorm(cond_t) (normalised)
+    decoder_init: str = "zeros"  # the LSTM's initial (h, c): zeros, or a linear map of the conditioning averaged over time (latents)
+    decoder_gain: float = 4.0  # initial value of the learned gain (scaled, normalised)
     ladder: LadderConfig | None = field(default_factory=LadderConfig)  # None for the baselines
+    hybrid: HybridConfig | None = None  # the Hybrid VAE's convolutions; None for the other models
 
     @property
     def is_ladder(self) -> bool:
@@ -67,7 +86,11 @@ class TextModelConfig:
     @property
     def seq_len(self) -> int:
         """T: the padded length every sentence is embedded at."""
-        return self.ladder.input_size[0] if self.is_ladder else self.max_tokens + 1
+        if self.is_ladder:
+            return self.ladder.input_size[0]
+        if self.model in HYBRID_MODELS:
+            return padded_length(self.max_tokens, [2] * len(self.hybrid.conv_channels))
+        return self.max_tokens + 1
 
     def validate(self) -> "TextModelConfig":
         if self.model not in TEXT_MODELS:
@@ -76,6 +99,16 @@ class TextModelConfig:
             raise UserError(f"unknown KL schedule {self.kl_schedule!r}; choose one of {', '.join(KL_SCHEDULES)}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise UserError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
+        if self.decoder_input not in DECODER_INPUTS or self.decoder_init not in DECODER_INITS:
+            raise UserError(f"decoder_input must be one of {', '.join(DECODER_INPUTS)} and decoder_init one of "
+                            f"{', '.join(DECODER_INITS)}; got {self.decoder_input!r}, {self.decoder_init!r}")
+        if (self.decoder_input, self.decoder_init) != ("concat", "zeros") and self.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
+            raise UserError(f"model {self.model} has no LSTM reading latents; drop the decoder input/init options")
+        if self.model in HYBRID_MODELS:
+            h = self.hybrid
+            if h is None or not h.conv_channels or h.kernel % 2 == 0 or h.aux_weight < 0:
+                raise UserError(f"model {self.model} needs a hybrid config with conv channels, an odd kernel and "
+                                f"aux_weight >= 0, got {h}")
         if self.vocab_size < 5:
             raise UserError(f"vocab_size must be at least 5 (4 specials and a word), got {self.vocab_size}")
         if self.is_ladder:
@@ -179,12 +212,37 @@ class LSTMDecoder(nn.Module):
     The token embedding and output layer (``io``) belong to the model and are passed in, so the
     tied matrix is stored once."""
 
-    def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int, word_dropout: float = 0.0):
+    def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int, word_dropout: float = 0.0,
+                 cond_input: str = "concat", cond_init: str = "zeros", gain: float = 4.0):
         super().__init__()
         self.cond_dim = cond_dim
         self.word_dropout = word_dropout
         self.lstm = make_lstm(embedding_dim + cond_dim, hidden_size)
         self.proj = nn.Linear(hidden_size, embedding_dim)
+        # The defaults add no parameter: runs saved before these options load unchanged.
+        self.cond_input, self.cond_init = cond_input, cond_init
+        if cond_input != "concat":
+            # The embeddings enter at unit scale; a small d_0 beside them is easy for the LSTM to ignore.
+            self.cond_gain = nn.Parameter(torch.tensor(float(gain)))
+        if cond_input == "normalised":
+            self.cond_norm = nn.LayerNorm(cond_dim, elementwise_affine=False)
+        if cond_init == "latents":
+            self.init_state = nn.Linear(cond_dim, 2 * hidden_size)
+
+    def read_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the LSTM reads of the conditioning (..., C) at each step."""
+        if self.cond_input == "normalised":
+            cond = self.cond_norm(cond.float())
+        return cond if self.cond_input == "concat" else self.cond_gain * cond
+
+    def initial_state(self, cond: torch.Tensor | None):
+        """(h_0, c_0) from the whole conditioning sequence (B, T, C) averaged over time, or None (zeros)."""
+        if self.cond_init == "zeros" or cond is None:
+            return None
+        # fp32 like the embeddings the LSTM reads beside it, so input and state share a dtype under autocast.
+        with torch.autocast(cond.device.type, enabled=False):
+            h, c = self.init_state(cond.float().mean(1)).chunk(2, dim=-1)  # (B, H) each
+        return torch.tanh(h)[None].contiguous(), c[None].contiguous()
 
     def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
                        cond: torch.Tensor | None) -> torch.Tensor:
@@ -196,8 +254,8 @@ class LSTMDecoder(nn.Module):
             prev = torch.where(drop & (prev != BOS_ID), torch.full_like(prev, UNK_ID), prev)
         x = io.embed(prev)  # (B, n, E)
         if cond is not None:
-            x = torch.cat([x, cond[:, :n].to(x.dtype)], dim=2)
-        h, _ = run_lstm(self.lstm, x)  # (B, n, H)
+            x = torch.cat([x, self.read_cond(cond[:, :n]).to(x.dtype)], dim=2)
+        h, _ = run_lstm(self.lstm, x, self.initial_state(cond))  # (B, n, H)
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
         # Logits only at the N scored positions (gathered before the 20k-wide output layer).
@@ -207,7 +265,7 @@ class LSTMDecoder(nn.Module):
         """One decoding step: prev (B,) ids, cond_t (B, C) → logits (B, V) fp32, new state."""
         x = io.embed(prev[:, None])
         if cond_t is not None:
-            x = torch.cat([x, cond_t[:, None].to(x.dtype)], dim=2)
+            x = torch.cat([x, self.read_cond(cond_t[:, None]).to(x.dtype)], dim=2)
         h, state = run_lstm(self.lstm, x, state)
         return io.logits(self.proj(h[:, 0])).float(), state
 
@@ -225,7 +283,25 @@ class TextModelMixin:
 
     @property
     def autoregressive(self) -> bool:
-        return self.cfg.model != "biva"
+        return self.cfg.model not in NON_AUTOREGRESSIVE
+
+    def make_decoder(self, cond_dim: int) -> LSTMDecoder:
+        """The LSTM decoder with the config's view of the conditioning (``decoder_input``, ``decoder_init``)."""
+        c = self.cfg
+        return LSTMDecoder(c.embedding_dim, cond_dim, c.hidden_size, c.word_dropout, c.decoder_input,
+                           c.decoder_init, c.decoder_gain)
+
+    def initial_decoder_state(self, cond: torch.Tensor | None):
+        """The LSTM state before the first token, from the whole conditioning (n, T, C); None = zeros."""
+        return self.decoder.initial_state(cond)
+
+    def fixed_length_log_prob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Non-autoregressive log p(x | z): logits (B, >=W, V) scored at all W = max_tokens + 1
+        positions (pieces, EOS, then PAD: a distribution over fixed-length sequences) → (B,)."""
+        W = self.cfg.max_tokens + 1
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device).repeat_interleave(W)
+        return token_log_prob(logits[:, :W].reshape(B * W, -1), tokens[:, :W].reshape(-1), rows, B)
 
     def data_size(self, batch: dict) -> torch.Tensor:
         """Predicted tokens per sentence, EOS included (a sentence of n words counts n + 1)."""
@@ -273,7 +349,7 @@ class TextLadderModel(TextModelMixin, LadderModel):
         self.io = TokenIO(cfg.vocab_size, cfg.embedding_dim)
         C = cfg.ladder.output_channels
         if self.autoregressive:
-            self.decoder = LSTMDecoder(cfg.embedding_dim, C, cfg.hidden_size, cfg.word_dropout)
+            self.decoder = self.make_decoder(C)
         else:
             self.head = WNConv(1, C, cfg.embedding_dim, kernel=1)  # d_0 → tied output layer, per position
 
@@ -365,7 +441,7 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         self.q_head = nn.Linear(cfg.hidden_size, 2 * cfg.latent_dim)
         nn.init.zeros_(self.q_head.bias)
         self.q_head.weight.data.mul_(0.1)  # start near the prior, as the ladder's heads do
-        self.decoder = LSTMDecoder(cfg.embedding_dim, cfg.latent_dim, cfg.hidden_size, cfg.word_dropout)
+        self.decoder = self.make_decoder(cfg.latent_dim)
 
     def posterior(self, batch: dict) -> Gaussian:
         tokens = self.padded_tokens(batch)
@@ -422,6 +498,10 @@ def build_text_model(cfg: TextModelConfig) -> LatentVariableModel:
         return TextLadderModel(cfg)
     if cfg.model == "lstm-lm":
         return LSTMLanguageModel(cfg)
+    if cfg.model in HYBRID_MODELS:
+        from .hybrid import HybridVAE  # hybrid.py builds on this module
+
+        return HybridVAE(cfg)
     return RNNVAE(cfg)
 
 

@@ -10,6 +10,9 @@ paper   L = 7 levels of 128 kernels, M = 3 gated layers per block, kernel 5 at t
         one sample, free bits: a 30-nat budget over the 2L - 1 = 13 groups, lowered on plateaus of
         the validation ELBO (halved after 4 evaluations without a gain of 0.05 nats over the best, down
         to a floor of 1 nat in all).
+        The Hybrid VAE: convolutions of 128, 256, 512 channels (kernel 3, stride 2), 200 feature
+        channels, alpha = 0.2 (the authors' released code; BIVA's paper gives no widths), the same
+        embeddings, LSTM and latent size as the RNN-VAE; KL warm-up over 20k steps.
 small   the same shapes, narrow (32 kernels, L = 4, LSTM 128), for CPU runs of a few minutes.
 tiny    a seconds-long model for tests.
 
@@ -23,8 +26,8 @@ from shared.config import TrainConfig
 from shared.errors import UserError
 from shared.ladder import LadderConfig
 
-from .model import TextModelConfig, padded_length
-from .names import DEFAULT_KL_SCHEDULE, TEXT_MODELS, TEXT_PRESETS
+from .model import HybridConfig, TextModelConfig, padded_length
+from .names import DEFAULT_KL_SCHEDULE, HYBRID_MODELS, TEXT_MODELS, TEXT_PRESETS
 
 
 @dataclass
@@ -45,7 +48,8 @@ def _ladder(max_tokens: int, embedding_dim: int, levels: int, channels: int, lat
 
 def paper(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     sizes = dict(embedding_dim=512, hidden_size=1024, latent_dim=32,
-                 ladder=_ladder(max_tokens, 512, 7, 128, [16, 14, 12, 10, 8, 6, 4], [2, 1, 1, 2, 1, 1, 2], 3))
+                 ladder=_ladder(max_tokens, 512, 7, 128, [16, 14, 12, 10, 8, 6, 4], [2, 1, 1, 2, 1, 1, 2], 3),
+                 hybrid=HybridConfig(conv_channels=[128, 256, 512], feature_channels=200))
     # BookCorpus: ~145k steps per epoch at batch 512; validate and checkpoint every 2000 steps on
     # 10k validation sentences. KL warm-up (RNN-VAE) over the first 20k steps.
     train = TrainConfig(epochs=5, batch_size=512, lr=2e-3, eval_every=2000, save_every=2000, log_every=50,
@@ -56,7 +60,8 @@ def paper(max_tokens: int) -> tuple[dict, TrainConfig, str]:
 
 def small(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     sizes = dict(embedding_dim=64, hidden_size=128, latent_dim=16,
-                 ladder=_ladder(max_tokens, 64, 4, 32, [8, 8, 6, 4], [2, 1, 2, 1], 1))
+                 ladder=_ladder(max_tokens, 64, 4, 32, [8, 8, 6, 4], [2, 1, 2, 1], 1),
+                 hybrid=HybridConfig(conv_channels=[32, 48, 64], feature_channels=32))
     train = TrainConfig(max_steps=2000, batch_size=64, lr=2e-3, eval_every=100, save_every=500, log_every=25,
                         eval_examples=2000, ema_decay=0.99, free_bits_budget=8.0, free_bits_patience=2,
                         free_bits_factor=0.5, free_bits_threshold=0.1, free_bits_min=1.0, length_buckets=True)
@@ -65,7 +70,8 @@ def small(max_tokens: int) -> tuple[dict, TrainConfig, str]:
 
 def tiny(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     sizes = dict(embedding_dim=16, hidden_size=32, latent_dim=4,
-                 ladder=_ladder(max_tokens, 16, 3, 16, [4, 4, 4], [2, 1, 2], 1, first_kernel=3))
+                 ladder=_ladder(max_tokens, 16, 3, 16, [4, 4, 4], [2, 1, 2], 1, first_kernel=3),
+                 hybrid=HybridConfig(conv_channels=[8, 16], feature_channels=8))
     train = TrainConfig(max_steps=40, batch_size=16, lr=3e-3, eval_every=20, save_every=20, log_every=10,
                         eval_examples=256, ema_decay=0.9, free_bits_budget=2.0, free_bits_patience=2,
                         free_bits_factor=0.5, free_bits_threshold=0.05, free_bits_min=0.5, length_buckets=True)
@@ -95,6 +101,8 @@ def get_preset(name: str, model: str = "biva-lstm", *, vocab_size: int = 20000, 
         train.free_bits_budget = 0.0
     if model not in ("biva-lstm", "biva"):
         sizes["ladder"] = None
+    if model not in HYBRID_MODELS:
+        sizes["hybrid"] = None
     cfg = TextModelConfig(model=model, vocab_size=vocab_size, max_tokens=max_tokens, kl_schedule=schedule,
                           kl_warmup_steps=warmup, **sizes)
     return TextPreset(cfg.validate(), train, description)

@@ -4,6 +4,7 @@
     accelerate launch scripts/train_text.py                       # BookCorpus, biva-lstm, the paper's recipe
     python scripts/train_text.py --train-files train.txt --valid-files valid.txt --test-files test.txt
     python scripts/train_text.py --model rnn-vae --kl-schedule warmup --kl-warmup-steps 20000
+    python scripts/train_text.py --model hybrid-vae --aux-weight 0.2
     python scripts/train_text.py --preset tiny --train-files my.txt --max-steps 200
 
 Defaults (preset paper): Adamax lr 2e-3, batch 512, 5 epochs, one sample, free bits on plateau with a
@@ -31,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_text.cli import add_text_data_flags, check_text_data_flags, data_config, print_data_stats  # noqa: E402
-from biva_text.names import KL_SCHEDULES, TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import ArgumentParser, add_training_flags, fraction, nonneg_int, positive_int  # noqa: E402
+from biva_text.names import DECODER_INITS, DECODER_INPUTS, KL_SCHEDULES, NON_AUTOREGRESSIVE, TEXT_MODELS, TEXT_PRESETS  # noqa: E402
+from shared.cli import (ArgumentParser, add_training_flags, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
+                        positive_int)
 from shared.errors import UserError, run_cli  # noqa: E402
 
 SAMPLES_PER_EVAL = 20
@@ -46,14 +48,28 @@ def parse_args(argv=None):
     add_text_data_flags(p)
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=TEXT_MODELS, help="biva-lstm (default), biva (no autoregression), "
-                                                        "lstm-lm or rnn-vae (baselines)")
+                                                        "lstm-lm, rnn-vae, hybrid-vae or hybrid-vae-conv "
+                                                        "(baselines; -conv: no LSTM)")
     m.add_argument("--kl-schedule", choices=KL_SCHEDULES, help="free-bits (default for BIVA: the plateau schedule "
-                                                               "of --free-bits-budget) or warmup (default for rnn-vae)")
+                                                               "of --free-bits-budget) or warmup (default for rnn-vae "
+                                                               "and the hybrid VAEs)")
     m.add_argument("--word-dropout", type=fraction, help="training only: replace each decoder input token by UNK "
                                                          "with this probability (Bowman et al. 2015; default 0, "
                                                          "as in the paper)")
     m.add_argument("--kl-warmup-steps", type=nonneg_int, help="optimiser steps over which the KL weight rises "
                                                               "linearly from 0 to 1 (warmup; default: the preset's)")
+    m.add_argument("--decoder-input", choices=DECODER_INPUTS,
+                   help="how the LSTM reads the latents' features at each step: concat (default: beside the "
+                        "token embedding), scaled (times a learned gain) or normalised (layer norm over "
+                        "channels, then the gain)")
+    m.add_argument("--decoder-init", choices=DECODER_INITS,
+                   help="the LSTM's initial state: zeros (default) or latents (a linear map of the features "
+                        "averaged over the sentence)")
+    m.add_argument("--decoder-gain", type=positive_float,
+                   help="initial value of the learned gain of --decoder-input scaled/normalised (default 4)")
+    m.add_argument("--aux-weight", type=nonneg_float,
+                   help="hybrid-vae: weight alpha of the auxiliary reconstruction term in the training loss "
+                        "(default 0.2; reported bounds never include it)")
     add_training_flags(p, list(TEXT_PRESETS), modality="text")
     args = p.parse_args(argv)
     check_text_data_flags(p, args)
@@ -61,8 +77,15 @@ def parse_args(argv=None):
         p.error("lstm-lm has no latent variables; drop --kl-schedule / --kl-warmup-steps")
     if args.word_dropout is not None and args.word_dropout >= 1:
         p.error("--word-dropout must be below 1 (1 would hide every input word)")
-    if args.model == "biva" and args.word_dropout:
-        p.error("biva (no autoregression) has no decoder inputs to drop; drop --word-dropout")
+    if args.model in NON_AUTOREGRESSIVE and args.word_dropout:
+        p.error(f"{args.model} (no autoregression) has no decoder inputs to drop; drop --word-dropout")
+    view = [f for f in ("decoder_input", "decoder_init", "decoder_gain") if getattr(args, f) is not None]
+    if view and args.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
+        p.error(f"{args.model} has no LSTM reading latents; drop --{view[0].replace('_', '-')}")
+    if args.decoder_gain is not None and args.decoder_input in (None, "concat"):
+        p.error("--decoder-gain needs --decoder-input scaled or normalised")
+    if args.aux_weight is not None and args.model != "hybrid-vae":
+        p.error("--aux-weight is the hybrid-vae's auxiliary term; use it with --model hybrid-vae")
     if args.kl_warmup_steps is not None and args.kl_schedule == "free-bits":
         p.error("--kl-warmup-steps needs --kl-schedule warmup")
     return args
@@ -138,7 +161,8 @@ def main(argv=None) -> None:
         data_cfg = data_config(args)
     model_name = args.model or "biva-lstm"
     flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
-             "word_dropout": args.word_dropout,
+             "word_dropout": args.word_dropout, "decoder_input": args.decoder_input,
+             "decoder_init": args.decoder_init, "decoder_gain": args.decoder_gain, "aux_weight": args.aux_weight,
              "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
@@ -146,8 +170,14 @@ def main(argv=None) -> None:
     def model_config(vocab_size: int):
         preset = get_preset(preset_name, model_name, vocab_size=vocab_size, max_tokens=data_cfg.max_tokens,
                             kl_schedule=args.kl_schedule, kl_warmup_steps=args.kl_warmup_steps)
+        m = preset.model
         if args.word_dropout is not None:
-            preset.model.word_dropout = args.word_dropout
+            m.word_dropout = args.word_dropout
+        for name in ("decoder_input", "decoder_init", "decoder_gain"):
+            if getattr(args, name) is not None:
+                setattr(m, name, getattr(args, name))
+        if args.aux_weight is not None:
+            m.hybrid.aux_weight = args.aux_weight
         return preset
 
     if source is not None:  # before anything is written: the tokenizer copy below is the first write
@@ -180,7 +210,9 @@ def main(argv=None) -> None:
         train = replace(preset.train, "training flags", split_seed=data_cfg.split_seed, **training_overrides(args))
         m = preset.model
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
-                     "word_dropout": m.word_dropout,
+                     "word_dropout": m.word_dropout, "decoder_input": m.decoder_input,
+                     "decoder_init": m.decoder_init, "decoder_gain": m.decoder_gain,
+                     "aux_weight": m.hybrid.aux_weight if m.hybrid else None,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
                      "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
                      "train_files": data_cfg.train_files or None}

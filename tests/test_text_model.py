@@ -48,7 +48,8 @@ def test_forward_shapes_loss_and_gradients(name):
     batch = make_batch([4, 13, 2, 7, 9])
     out = model(batch, TrainNoise())
     G = model.num_groups
-    assert G == {"biva-lstm": 5, "biva": 5, "lstm-lm": 0, "rnn-vae": 1}[name]  # tiny ladder: L = 3 -> 2L-1
+    assert G == {"biva-lstm": 5, "biva": 5, "lstm-lm": 0, "rnn-vae": 1, "hybrid-vae": 1,
+                 "hybrid-vae-conv": 1}[name]  # tiny ladder: L = 3 -> 2L-1
     assert out.log_px.shape == (5,) and out.log_q.shape == (5, G) and out.log_p.shape == (5, G)
     assert torch.isfinite(out.bound()).all() and (out.log_px < 0).all()
     assert model.data_size(batch).tolist() == [4.0, 13.0, 2.0, 7.0, 9.0]

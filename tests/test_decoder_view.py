@@ -1,0 +1,115 @@
+"""How the LSTM decoder reads the latents' features (``decoder_input``, ``decoder_init``): the default
+is the original concatenation with a zero initial state, every option trains, reads d_0, decodes as it
+scores, and round-trips through the config and the state dict."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_text_model import MAX_TOKENS, V, make_batch
+
+from biva_text.model import TextModelConfig, build_text_model
+from biva_text.presets import get_preset
+from biva_text.tokenizer import BOS_ID
+from shared.config import from_dict, to_dict
+from shared.distributions import HashedNoise
+from shared.errors import UserError
+from shared.free_bits import free_bits_kl
+
+OPTIONS = [("scaled", "zeros"), ("normalised", "zeros"), ("concat", "latents"), ("scaled", "latents"),
+           ("normalised", "latents")]
+
+
+def build(name: str = "biva-lstm", seed: int = 0, **view):
+    cfg = get_preset("tiny", name, vocab_size=V, max_tokens=MAX_TOKENS).model
+    for key, value in view.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    return build_text_model(cfg.validate())
+
+
+def training_loss(model, batch) -> torch.Tensor:
+    out = model(batch, HashedNoise(7, batch["index"]))
+    return -out.log_px.mean() + free_bits_kl(out.kl, 0.0)
+
+
+def test_the_default_is_the_original_decoder():
+    """Same parameters (old runs load) and the same loss, seed for seed, as explicit concat + zeros."""
+    batch = make_batch([4, 13, 2, 7], seed=1)
+    default = build().train()
+    explicit = build(decoder_input="concat", decoder_init="zeros").train()
+    assert (default.cfg.decoder_input, default.cfg.decoder_init) == ("concat", "zeros")
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    assert not any("cond_gain" in k or "init_state" in k for k in default.state_dict())
+    assert training_loss(default, batch) == training_loss(explicit, batch)
+    # ... and another view is a different model on the same weights.
+    scaled = build(decoder_input="scaled").train()
+    assert training_loss(scaled, batch) != training_loss(default, batch)
+
+
+@pytest.mark.parametrize("decoder_input,decoder_init", OPTIONS)
+def test_each_option_trains_and_reads_the_latents(decoder_input, decoder_init):
+    model = build(decoder_input=decoder_input, decoder_init=decoder_init).train()
+    batch = make_batch([4, 13, 2, 7], seed=2)
+    opt = torch.optim.Adamax(model.parameters(), lr=3e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = training_loss(model, batch)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    new = [n for n, p in model.named_parameters() if n.startswith("decoder.cond_") or n.startswith("decoder.init_")]
+    assert new and all(not torch.equal(before[n], dict(model.named_parameters())[n]) for n in new)
+    # The decoder's likelihood moves when d_0 is another sentence's (through the input, the initial
+    # state or both).
+    model.eval()
+    tokens, lengths = model.padded_tokens(batch), batch["length"]
+    cond = model.condition_posterior(batch, HashedNoise(0, batch["index"]))  # (B, T, C)
+    base = model.decoder.log_likelihood(model.io, tokens, lengths, cond)
+    moved = model.decoder.log_likelihood(model.io, tokens, lengths, cond.roll(1, dims=0))
+    assert (base - moved).abs().min() > 1e-3
+    if decoder_init == "latents":  # the initial state alone carries d_0
+        h0, c0 = model.decoder.initial_state(cond)
+        assert h0.shape == (1, 4, model.cfg.hidden_size) and not torch.allclose(h0, model.decoder.initial_state(cond + 1)[0])
+
+
+@pytest.mark.parametrize("name", ["biva-lstm", "rnn-vae", "hybrid-vae"])
+@pytest.mark.parametrize("decoder_input,decoder_init", [("normalised", "latents"), ("scaled", "zeros")])
+def test_step_by_step_decoding_scores_as_training_does(name, decoder_input, decoder_init):
+    """Sampling and beam search start from ``initial_decoder_state`` and read cond_t the same way."""
+    model = build(name, decoder_input=decoder_input, decoder_init=decoder_init).eval()
+    batch = make_batch([5, 9], seed=3)
+    log_px = model(batch, HashedNoise(3, batch["index"])).log_px
+    cond = model.condition_posterior(batch, HashedNoise(3, batch["index"]))
+    state, total = model.initial_decoder_state(cond), torch.zeros(2)
+    prev = torch.full((2,), BOS_ID)
+    for t in range(int(batch["length"].max())):
+        logits, state = model.decode_step(prev, state, cond[:, t])
+        lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
+        total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
+        prev = batch["tokens"][:, t]
+    torch.testing.assert_close(log_px, total, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("decoder_input,decoder_init", OPTIONS)
+def test_config_and_state_dict_round_trip(decoder_input, decoder_init):
+    model = build(decoder_input=decoder_input, decoder_init=decoder_init, decoder_gain=2.5).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the initialisation, so loading is what makes them equal
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = from_dict(TextModelConfig, to_dict(model.cfg), "config.json model")
+    assert (cfg.decoder_input, cfg.decoder_init, cfg.decoder_gain) == (decoder_input, decoder_init, 2.5)
+    torch.manual_seed(123)
+    copy = build_text_model(cfg).eval()
+    copy.load_state_dict(model.state_dict())
+    batch = make_batch([6, 3], seed=4)
+    torch.testing.assert_close(copy(batch, HashedNoise(1, batch["index"])).log_px,
+                               model(batch, HashedNoise(1, batch["index"])).log_px)
+    with pytest.raises(RuntimeError):  # a run of another view does not load silently
+        build().load_state_dict(model.state_dict())
+
+
+def test_options_are_refused_where_no_lstm_reads_latents():
+    for name in ("lstm-lm", "biva", "hybrid-vae-conv"):
+        with pytest.raises(UserError, match="no LSTM"):
+            build(name, decoder_init="latents")
+    with pytest.raises(UserError, match="decoder_input"):
+        build(decoder_input="sum")
