@@ -126,7 +126,8 @@ class HybridVAE(TextModelMixin, LatentVariableModel):
             raise UserError(f"the Hybrid VAE has one latent level; k must be 0, got {k}")
         q = self.posterior(batch)
         prior = standard_normal_like(q.mu.shape, q.mu.device)
-        z = self._sample(q, noise)
+        # mode "prior": z ~ p(z) instead (log p(x | z) of a latent that knows nothing of x)
+        z = noise.normal(q.mu.shape, LATENT_KEY, q.mu.device) if mode == "prior" else self._sample(q, noise)
         log_px = self.log_likelihood(self.features(z), self.padded_tokens(batch), batch["length"].long())
         out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
                           scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)

@@ -459,7 +459,9 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
             raise UserError(f"the RNN-VAE has one latent level; k must be 0, got {k}")
         q = self.posterior(batch)
         prior = standard_normal_like(q.mu.shape, q.mu.device)
-        z = q.sample(noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device))
+        # mode "prior": z ~ p(z) instead (log p(x | z) of a latent that knows nothing of x)
+        eps = noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device)
+        z = eps if mode == "prior" else q.sample(eps)
         lengths = batch["length"].long()
         log_px = self.decoder.log_likelihood(self.io, self.padded_tokens(batch), lengths, self._expand(z, int(lengths.max())))
         out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],

@@ -14,6 +14,7 @@ pass). The estimate is at most log B (4.16 nats for B = 64).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from shared.run_dir import load_weights, read_run_config, run_step  # noqa: F401
 
 from .data import TextDataConfig, prepare_text_data
 from .model import TextModelConfig, build_text_model, num_params
-from .tokenizer import Tokenizer
+from .tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 MI_BATCH = 64
 
@@ -94,6 +95,61 @@ def mutual_information(model, dataset, *, seed: int = 0, batch_size: int = MI_BA
     return total / max(count, 1)
 
 
+def unigram_overlap(hypothesis: list[int], reference: list[int]) -> float:
+    """Clipped unigram precision (BLEU-1 without brevity penalty): the share of the hypothesis's tokens
+    that the reference holds, each reference token matched at most once; 0 for an empty hypothesis."""
+    if not hypothesis:
+        return 0.0
+    left = Counter(reference)
+    hits = 0
+    for token in hypothesis:
+        if left[token] > 0:
+            left[token] -= 1
+            hits += 1
+    return hits / len(hypothesis)
+
+
+@torch.no_grad()
+def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64, max_examples: int | None = None,
+                         others: int = 10, device=None, progress: bool = True) -> dict:
+    """How much of a sentence its latents carry, on the sentences of ``dataset`` (nats per sentence):
+
+    ``reconstruction_gain``: mean of log p(x | z ~ q(z | x)) - log p(x | z ~ p(z)), one sample of each
+    (seeded); 0 when the decoder ignores z. ``unigram_overlap``: greedy reconstructions x' of x (z ~ q),
+    the clipped unigram precision of x' against x itself (``own``) and against ``others`` other
+    sentences of the split drawn at random (``other``, their mean): ``ratio`` = own / other."""
+    from .decode import DecodeOptions, reconstruct
+
+    device = device or next(model.parameters()).device
+    chosen = subset_indices(len(dataset), max_examples, seed, None)
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False)
+    gain, count, hyps, refs = 0.0, 0, [], []
+    opts = DecodeOptions(method="greedy", seed=seed)
+    for batch in tqdm(loader, desc="reconstructions", leave=False, disable=not progress):
+        batch = _to(batch, device)
+        posterior = model(batch, HashedNoise(seed, batch["index"]), mode="posterior").log_px
+        prior = model(batch, HashedNoise(seed + 1, batch["index"]), mode="prior").log_px
+        gain += float((posterior.double() - prior.double()).sum())
+        count += posterior.shape[0]
+        for row, length in zip(reconstruct(model, batch, opts).tolist(), batch["length"].tolist()):
+            hyps.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else [t for t in row if t != PAD_ID])
+        tokens = model.padded_tokens(batch)
+        refs += [t[:n - 1] for t, n in zip(tokens.tolist(), batch["length"].tolist())]  # without EOS
+    n = len(hyps)
+    own = sum(unigram_overlap(h, r) for h, r in zip(hyps, refs)) / max(n, 1)
+    rng = torch.Generator().manual_seed(seed)
+    other_sum, other_count = 0.0, 0
+    for _ in range(others if n > 1 else 0):
+        shift = torch.randint(1, n, (n,), generator=rng)  # j = i + shift (mod n): never i itself
+        for i, s in enumerate(shift.tolist()):
+            other_sum += unigram_overlap(hyps[i], refs[(i + s) % n])
+            other_count += 1
+    other = other_sum / max(other_count, 1)
+    return {"reconstruction_gain": gain / max(count, 1),
+            "unigram_overlap": {"own": own, "other": other, "ratio": own / other if other > 0 else None,
+                                "sentences": n, "others_per_sentence": others}}
+
+
 def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,
                 max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int = 100,
                 device=None) -> dict:
@@ -121,6 +177,8 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         "kl_per_group": None,
         "active_units": None,
         "mutual_info": None,
+        "reconstruction_gain": None,
+        "unigram_overlap": None,
         "num_sentences": N,
         "num_tokens": int(tokens),
         "likelihood_exact": not has_latents,
@@ -132,6 +190,8 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         report["active_units"] = res.active_units
         report["mutual_info"] = mutual_information(model, dataset, seed=seed, max_examples=max_examples,
                                                    max_batches=mi_batches, device=device)
+        report.update(reconstruction_stats(model, dataset, seed=seed, batch_size=batch_size,
+                                           max_examples=max_examples, device=device))
     return report
 
 

@@ -6,7 +6,10 @@
 
 Prints num_params, -log p(x) <= -L_1 (nats per sentence), KL and perplexity (the paper's Table 7
 columns), then -L_K with K = --iw-samples and its perplexity, active units and the mutual
-information I(x; z) (He et al. 2019, minibatches of 64). Perplexity = exp(sum NLL / sum tokens),
+information I(x; z) (He et al. 2019, minibatches of 64), and whether the latents carry the sentence:
+the reconstruction gain log p(x | z ~ q(z|x)) - log p(x | z ~ p(z)) (nats; 0 when the decoder ignores
+z) and the clipped unigram overlap of greedy reconstructions with their input against other sentences
+of the split (report keys reconstruction_gain, unigram_overlap {own, other, ratio}). Perplexity = exp(sum NLL / sum tokens),
 tokens counting every predicted token including end-of-sentence. Writes report-<split>.json in the
 run directory (./NAME for a hub id or a read-only run) (and to --json) and a bar plot of KL per latent group, kl-per-group-<split>.png.
 The data are the run's own (saved data config and tokenizer; the token cache makes this cheap).
@@ -89,6 +92,10 @@ def main(argv=None) -> dict:
         print(f"L_{report['iw_samples']}: nll <= {report['nll_iw']:.3f} nats per sentence, ppl <= {report['ppl']:.2f}; "
               f"active units {au['total']} ({', '.join(map(str, au['per_group']))}); "
               f"mutual information {report['mutual_info']:.3f} nats")
+        u = report["unigram_overlap"]
+        print(f"latents in use: reconstruction gain log p(x|z~q) - log p(x|z~p) = {report['reconstruction_gain']:.2f} "
+              f"nats; greedy reconstructions share {u['own']:.1%} of their words with their input, "
+              f"{u['other']:.1%} with other sentences" + (f" ({u['ratio']:.2f}x)" if u["ratio"] else ""))
     print(f"wrote {out / f'report-{args.split}.json'}" + (f" and {args.json}" if args.json else ""))
     return report
 

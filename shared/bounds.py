@@ -100,4 +100,5 @@ class ActiveUnits:
             mean = s / self.count
             var = q / self.count - mean**2
             per_group.append(int((var > self.THRESHOLD).sum()))
-        return {"total": sum(per_group), "per_group": per_group}
+        units = [int(s.numel()) for s in self.sums or []]
+        return {"total": sum(per_group), "per_group": per_group, "units": sum(units), "units_per_group": units}

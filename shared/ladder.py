@@ -297,7 +297,7 @@ class Ladder(nn.Module):
         infer = mode != "prior"
         gid = {info["kind"] + str(info["level"]): g for g, info in enumerate(self.group_info)}
         G = self.num_groups
-        if infer:
+        if infer or (batch_size is None and e0 is not None):  # prior mode with e0: its batch, z ~ p(z)
             B, device = e0.shape[0], e0.device
         else:
             B = batch_size

@@ -121,7 +121,9 @@ def test_report_json_and_table(biva_run, corpus, tmp_path, capsys):
     groups = report["kl_per_group"]
     assert [(g["level"], g["kind"]) for g in groups] == [(3, "top"), (2, "bu"), (2, "td"), (1, "bu"), (1, "td")]
     assert sum(g["kl"] for g in groups) == pytest.approx(report["kl"], rel=1e-6)
-    assert set(report["active_units"]) == {"total", "per_group"} and len(report["active_units"]["per_group"]) == 5
+    au = report["active_units"]
+    assert set(au) == {"total", "per_group", "units", "units_per_group"} and len(au["per_group"]) == 5
+    assert all(0 <= a <= u for a, u in zip(au["per_group"], au["units_per_group"])) and au["units"] == sum(au["units_per_group"])
     assert 0.0 - 0.5 <= report["mutual_info"] <= math.log(64) + 0.5
     assert (biva_run / "kl-per-group-test.png").stat().st_size > 1000
     assert report["weights"] == "ema" and report["noise_seed"] == report["seed"] == 0 and report["subset"] is None
