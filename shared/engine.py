@@ -780,8 +780,15 @@ class Trainer:
         last_record = None
         try:
             batches = self._loader()
+            compiling = cfg.compile  # torch.compile runs inside the first step: say how long it took
             while self.state.step < self.total_steps:
+                started = time.perf_counter()
                 result = self._update(next(batches), noise)
+                if compiling:
+                    compiling = False
+                    if self.is_main:
+                        tqdm.write(f"--compile: the first step, compilation included, took "
+                                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
                 step = self.state.step
                 if result["skipped"]:
                     self.log({"step": step, "event": "skipped_update", "grad_norm": result["grad_norm"],
