@@ -58,7 +58,17 @@ def test_bf16_autocast_keeps_log_densities_fp32(variant, likelihood):
     torch.testing.assert_close(half.bound(), full.bound(), rtol=1e-2, atol=0.0)
 
 
-def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path):
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state whose precision cannot change: set bf16 for one test only."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path, fresh_accelerator_state):
     cfg = tiny_image_config("biva")
     run = tiny_run(cfg, max_steps=40, eval_every=20, save_every=40, free_bits=0.1, mixed_precision="bf16")
     out = tmp_path / "run"
