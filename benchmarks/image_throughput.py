@@ -4,8 +4,10 @@
     python benchmarks/image_throughput.py --preset cifar10 --batch-size 48 --mixed-precision bf16
     python benchmarks/image_throughput.py --preset tiny --device cpu --steps 5 --iw-samples 20
 
-Training: the engine's loss (-log p(x|z) + free-bits KL), Adamax step, for --steps timed steps after
---warmup untimed ones; images/s = batch x steps / seconds. Evaluation: the importance-weighted bound
+Training: the engine's step (shared.engine.training_loss: -log p(x|z) + free-bits KL; backward; the
+gradient norm and the skip guard on the device, one host transfer; Adamax; EMA update) for --steps
+timed steps after --warmup untimed ones; images/s = batch x steps / seconds. --mixed-precision bf16
+works on a CPU too (autocast; log-densities stay fp32). Evaluation: the importance-weighted bound
 L_K with K = --iw-samples on --eval-batch-size images (samples in chunks of --iw-chunk), images/s.
 Peak memory: torch.cuda.max_memory_allocated on a GPU, the process's peak resident set size
 (getrusage) on the CPU. The last line of output is one JSON object with every number.
@@ -35,20 +37,57 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast precision of training and evaluation (default no)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (timed steps exclude compiling)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model; the first (compiling) step is timed apart and not in the figures")
+    p.add_argument("--channels-last", action="store_true", help="2-D feature maps in channels_last memory format")
     p.add_argument("--iw-samples", type=int, default=1000, help="K of the timed L_K evaluation (default 1000; 0 skips)")
-    p.add_argument("--iw-chunk", type=int, default=100, help="importance samples per forward pass (default 100)")
+    p.add_argument("--iw-chunk", type=int,
+                   help="importance samples per forward pass (default: from free memory, shared.bounds.auto_iw_chunk)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="images of the L_K evaluation (default 8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("batch_size", "steps", "iw_chunk", "eval_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.iw_samples < 0:
         p.error("--warmup and --iw-samples must be >= 0")
     return args
+
+
+def engine_step(forward, model, optimizer, ema, batch: dict, noise, lam: float, autocast, counter: dict,
+                scaler=None) -> float:
+    """One optimiser step as shared.engine.Trainer._update takes it for one micro-batch on one process:
+    training_loss, backward, the gradient norm and the skip guard on the device, one host transfer,
+    Adamax and the EMA update when the step is good. ``forward`` is the model to call (maybe compiled),
+    ``model`` the one holding the parameters; ``counter["steps"]`` counts the updates. Returns the loss."""
+    import torch
+
+    from shared.engine import training_loss
+
+    with autocast():
+        loss, _ = training_loss(forward, batch, noise, lam)
+    bad = ~torch.isfinite(loss.detach())
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    bad = bad | ~torch.isfinite(norm)
+    figures = torch.stack([bad.double(), loss.detach().double(), norm.double()]).tolist()  # the one sync
+    if figures[0] == 0:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        counter["steps"] += 1
+        ema.update(model, counter["steps"])
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return figures[1]
 
 
 def main(argv=None) -> dict:
@@ -59,9 +98,9 @@ def main(argv=None) -> dict:
 
     from biva_image.model import ImageVAE
     from biva_image.presets import get_preset
-    from shared.bounds import iw_bound
+    from shared.bounds import auto_iw_chunk, iw_bound
     from shared.distributions import TrainNoise
-    from shared.free_bits import free_bits_kl
+    from shared.engine import EMA
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,9 +117,12 @@ def main(argv=None) -> dict:
     kw = {"levels": args.levels} if args.levels and args.preset != "tiny" else {}
     preset = get_preset(args.preset, args.model, **kw)
     model = ImageVAE(preset.model).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adamax(model.parameters(), lr=preset.train.lr)
+    ema = EMA(model, preset.train.ema_decay)
     lam = float(preset.train.free_bits or 0.0)  # lambda per group, as at the start of training
     C, H, W = preset.model.image_shape
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
@@ -94,24 +136,22 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     # A few fixed random batches, moved once: the timing is the model's, not the data loader's.
     batches = [torch.randint(0, 256, (args.batch_size, C, H, W), dtype=torch.uint8, generator=gen).to(device)
-               for _ in range(4)]
+               .contiguous(memory_format=memory_format) for _ in range(4)]
     noise = TrainNoise()
     model.train()
+    counter = {"steps": 0}
 
     def train_step(i: int) -> float:
         x = batches[i % len(batches)]
         batch = {"index": torch.arange(args.batch_size, device=device), "x": x}
-        with autocast():
-            out = forward(batch, noise)
-            loss = -out.log_px.mean() + free_bits_kl(out.kl, lam)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return engine_step(forward, model, optimizer, ema, batch, noise, lam, autocast, counter, scaler)
 
+    first_s = None
     for i in range(args.warmup):
+        t0 = time.perf_counter()
         train_step(i)
+        sync()
+        first_s = time.perf_counter() - t0 if first_s is None else first_s
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +160,7 @@ def main(argv=None) -> dict:
         loss = train_step(i)
     sync()
     train_s = time.perf_counter() - t0
-    final_loss = float(loss.detach())
+    final_loss = loss
     train_peak = torch.cuda.max_memory_allocated() if cuda else None
 
     result = {
@@ -128,6 +168,7 @@ def main(argv=None) -> dict:
         "levels": preset.model.ladder.levels, "num_params": n_params, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision, "compile": args.compile,
+        "channels_last": args.channels_last, "first_step_s": first_s,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
         "train_s": round(train_s, 4), "train_images_per_s": args.batch_size * args.steps / train_s,
         "train_step_ms": 1000 * train_s / args.steps, "final_loss": final_loss,
@@ -145,24 +186,25 @@ def main(argv=None) -> dict:
         batch = {"index": torch.arange(args.eval_batch_size, device=device), "x": x}
         warm = {"index": batch["index"][:1], "x": x[:1]}
         with torch.no_grad(), autocast():
-            iw_bound(model, warm, min(args.iw_chunk, args.iw_samples), chunk_size=args.iw_chunk)  # warm-up
+            chunk = args.iw_chunk or auto_iw_chunk(model, batch, args.iw_samples)
+            iw_bound(model, warm, min(chunk, args.iw_samples), chunk_size=chunk)  # warm-up
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.no_grad(), autocast():
-            bound = iw_bound(model, batch, args.iw_samples, seed=args.seed, chunk_size=args.iw_chunk)
+            bound = iw_bound(model, batch, args.iw_samples, seed=args.seed, chunk_size=chunk)
         sync()
         eval_s = time.perf_counter() - t0
         result.update({
-            "iw_samples": args.iw_samples, "iw_chunk": args.iw_chunk, "eval_batch_size": args.eval_batch_size,
+            "iw_samples": args.iw_samples, "iw_chunk": chunk, "eval_batch_size": args.eval_batch_size,
             "eval_s": round(eval_s, 4), "eval_images_per_s": args.eval_batch_size / eval_s,
             "eval_forward_images_per_s": args.eval_batch_size * args.iw_samples / eval_s,
             "eval_bound_finite": bool(torch.isfinite(bound).all()),
             "eval_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         })
         print(f"L_{args.iw_samples} evaluation: {result['eval_images_per_s']:.3f} images/s "
-              f"({result['eval_forward_images_per_s']:.1f} importance samples/s, chunks of {args.iw_chunk})",
+              f"({result['eval_forward_images_per_s']:.1f} importance samples/s, chunks of {chunk})",
               file=sys.stderr)
     # ru_maxrss is in KiB on Linux: the peak of the whole process (training and evaluation).
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

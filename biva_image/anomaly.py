@@ -35,7 +35,7 @@ def auroc(scores_negative, scores_positive) -> float:
 
 
 def bits_per_dim_per_example(model, dataset, *, k: int, iw_samples: int, batch_size: int, seed: int,
-                             max_examples: int | None = None, device=None, iw_chunk: int = 100,
+                             max_examples: int | None = None, device=None, iw_chunk: int | None = None,
                              desc: str = "anomaly") -> np.ndarray:
     """-L^{>k}_K / (D ln 2) for every image, in example order (K = 1: the single-sample L^{>k},
     which at k = 0 is the ELBO on the same noise as ``evaluate``)."""
@@ -57,7 +57,7 @@ def _score(model, dataset, *, k: int, iw_samples: int, batch_size: int, seed: in
 
 
 def anomaly_curve(model, in_set, ood_set, ks: list[int], *, iw_samples: int, batch_size: int, seed: int,
-                  max_examples: int | None = None, device=None, iw_chunk: int = 100) -> list[dict]:
+                  max_examples: int | None = None, device=None, iw_chunk: int | None = None) -> list[dict]:
     """One row {"k", "iw_samples", "bpd_in", "bpd_ood", "auroc", "kl_per_group"} per k (bits/dim averaged
     over images; ``kl_per_group``: KL in nats per image on the in-distribution set, of the groups that
     L^{>k} infers, levels > k; the others are drawn from the prior and have no KL)."""

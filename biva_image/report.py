@@ -19,7 +19,7 @@ def report_path(run_dir: str | Path, split: str) -> Path:
 
 
 def image_report(model, dataset, *, iw_samples: int, batch_size: int, seed: int, max_examples: int | None,
-                 device, iw_chunk: int = 100) -> dict:
+                 device, iw_chunk: int | None = None) -> dict:
     """Bounds, KL per group and active units of ``model`` on ``dataset`` (likelihoods as positive
     NLL: nats per image and bits/dim; ``*_iw`` from L_K with K = iw_samples, None when 0)."""
     from shared.evaluate import evaluate

@@ -151,7 +151,7 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
 
 
 def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,
-                max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int = 100,
+                max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int | None = None,
                 device=None) -> dict:
     """The report JSON of CONTRACTS.md (without the run's identity fields)."""
     has_latents = model.num_groups > 0

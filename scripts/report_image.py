@@ -42,8 +42,9 @@ def parse_args(argv=None):
     b = p.add_argument_group("bounds")
     b.add_argument("--iw-samples", type=nonneg_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 0 skips it)")
-    b.add_argument("--iw-chunk", type=positive_int, default=100,
-                   help="importance samples per forward pass; memory grows with it, not with K (default 100)")
+    b.add_argument("--iw-chunk", type=positive_int,
+                   help="importance samples per forward pass; memory grows with it, not with K (default: as many "
+                        "as fit in half the free GPU memory; on a CPU about 512 images per pass)")
     b.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per forward pass (x --iw-chunk for L_K) (default 32)")
     b.add_argument("--seed", type=nonneg_int, default=0,

@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["test", "valid", "train"], default="test", help="split to evaluate (default test)")
     p.add_argument("--iw-samples", type=positive_int, default=1000,
                    help="K of the importance-weighted bound L_K (default 1000; 1 gives the ELBO again)")
-    p.add_argument("--iw-chunk", type=positive_int, default=100, help="importance samples per forward pass (memory, default 100)")
+    p.add_argument("--iw-chunk", type=positive_int,
+                   help="importance samples per forward pass; memory grows with it, not with K (default: as many "
+                        "as fit in half the free GPU memory; on a CPU about 512 sentences per pass)")
     p.add_argument("--max-sentences", type=positive_int,
                    help="evaluate N sentences of the split, a random draw seeded by --seed (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences per evaluation batch (default 64)")

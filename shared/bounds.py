@@ -35,13 +35,42 @@ def elbo(model: LatentVariableModel, batch: dict, seed: int = 0, k: int = 0):
     return model(batch, noise, k=k)
 
 
+CPU_IW_ROWS = 512  # rows (examples x samples) per forward pass on a CPU: past a few hundred, wider passes gain nothing
+GPU_MEMORY_FRACTION = 0.5  # of the free GPU memory one L_K pass may take (the rest: fragmentation, other work)
+
+
+@torch.no_grad()
+def auto_iw_chunk(model: LatentVariableModel, batch: dict, num_samples: int) -> int:
+    """Importance samples per forward pass (``iw_bound``'s ``chunk_size``) for L_K of ``batch``.
+
+    On a GPU: as many as fit in GPU_MEMORY_FRACTION of the free memory (free plus what torch's cache
+    holds), from the peak memory of one probe pass over the batch, which grows linearly with the rows
+    of a pass. Elsewhere: about CPU_IW_ROWS rows per pass. Never more than K (x classes, for a
+    conditional model with y summed out)."""
+    B = batch["index"].shape[0]
+    classes = model.num_classes if model.num_classes and "y" not in batch else 1
+    most = num_samples * classes
+    device = batch["index"].device
+    if device.type != "cuda":
+        return max(1, min(most, CPU_IW_ROWS // B * classes))
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    elbo(model, batch)  # one sample of every example (and class): the probe
+    per_sample = max(torch.cuda.max_memory_allocated(device) - before, 1)  # bytes of one sample of the batch
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(most, int(GPU_MEMORY_FRACTION * free / per_sample) * classes))
+
+
 @torch.no_grad()
 def iw_bound(model: LatentVariableModel, batch: dict, num_samples: int, seed: int = 0, k: int = 0,
-             chunk_size: int = 100) -> torch.Tensor:
+             chunk_size: int | None = None) -> torch.Tensor:
     """L_K = logsumexp_k(log p(x, z_k) - log q(z_k | x)) - log K per example: (B,).
 
-    Samples are drawn ``chunk_size`` at a time and folded into a running logsumexp, so peak memory
-    depends on chunk_size, not on K. With ``k > 0`` this is L^{>k}_K.
+    Samples are drawn ``chunk_size`` at a time (None: ``auto_iw_chunk``, from free memory) and folded
+    into a running logsumexp, so peak memory depends on chunk_size, not on K. With ``k > 0`` this is
+    L^{>k}_K.
 
     Conditional models: with batch["y"], L_K of log p(x, y); without, log sum_y of the per-class
     estimates, log sum_y exp(L_K(x, y)), itself a lower bound on log p(x) (E exp(L_K(x, y)) = p(x, y)).
@@ -50,6 +79,8 @@ def iw_bound(model: LatentVariableModel, batch: dict, num_samples: int, seed: in
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
+    if chunk_size is None:
+        chunk_size = auto_iw_chunk(model, batch, num_samples)
     B = batch["index"].shape[0]
     each_class = model.num_classes and "y" not in batch
     C = model.num_classes if each_class else 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import shlex
 import shutil
@@ -691,7 +690,7 @@ class Trainer:
                         loss, out = training_loss(self.model, batch, noise, lam, cfg.analytic_kl)
                 if j == 0 and fault.active:
                     loss = loss * (float("nan") if fault("nan-loss", attempt) else 1e6 if fault("big-grad", attempt) else 1.0)
-                local[0] += 0.0 if bool(torch.isfinite(loss)) else 1.0
+                local[0] += ~torch.isfinite(loss.detach())  # counted on the device: no sync per micro-batch
                 acc.backward(loss / A)
             local[2] += loss.detach().double() / A
             if self.semi:
@@ -709,16 +708,22 @@ class Trainer:
             self._average_gradients()
         if fault("nan-grad", attempt):
             next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")))
+        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+        norm = torch.as_tensor(norm, device=acc.device).detach().double()
         # VDVAE's guard: skip an update whose gradient norm is non-finite or above the threshold.
-        if not math.isfinite(grad_norm) or (cfg.skip_threshold is not None and grad_norm > cfg.skip_threshold):
-            local[0] += 1.0
+        local[0] += ~torch.isfinite(norm)
+        if cfg.skip_threshold is not None:
+            local[0] += norm > cfg.skip_threshold
         local[1] = 1.0 if self._stop_signal else 0.0
         # One collective: every process takes the same decision (skip, stop), even where a fault is seen by
         # one process only, and logs the figures of the whole global batch, not just its own share.
         world = acc.num_processes
         total = acc.reduce(local, reduction="sum") if world > 1 else local
-        ok = total[0].item() == 0
+        # The step's one host synchronisation: the decision and every figure in a single transfer (the
+        # norm is this process's own, as before).
+        figures = torch.cat([total, norm.view(1)]).tolist()
+        grad_norm = figures[-1]
+        ok = figures[0] == 0
         if ok:
             self.optimizer.step()
             self.state.step += 1
@@ -730,15 +735,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.batch_in_epoch += 1
         self.state.examples_seen += cfg.batch_size
-        stop = total[1].item() > 0
+        stop = figures[1] > 0
         if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
-        result = {"loss": total[2].item() / world, "elbo": total[3].item() / world,
-                  "kl_per_group": (total[4:4 + G] / world).tolist(), "grad_norm": grad_norm, "skipped": not ok,
+        result = {"loss": figures[2] / world, "elbo": figures[3] / world,
+                  "kl_per_group": [v / world for v in figures[4:4 + G]], "grad_norm": grad_norm, "skipped": not ok,
                   "stop": stop}
         if self.semi:
             self.state.labelled_batch_in_epoch += 1
-            result.update(cross_entropy=total[4 + G].item() / world, accuracy=total[5 + G].item() / world)
+            result.update(cross_entropy=figures[4 + G] / world, accuracy=figures[5 + G] / world)
         return result
 
     def _log_train(self, t0: float, steps0: int) -> dict:
@@ -775,8 +780,15 @@ class Trainer:
         last_record = None
         try:
             batches = self._loader()
+            compiling = cfg.compile  # torch.compile runs inside the first step: say how long it took
             while self.state.step < self.total_steps:
+                started = time.perf_counter()
                 result = self._update(next(batches), noise)
+                if compiling:
+                    compiling = False
+                    if self.is_main:
+                        tqdm.write(f"--compile: the first step, compilation included, took "
+                                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
                 step = self.state.step
                 if result["skipped"]:
                     self.log({"step": step, "event": "skipped_update", "grad_norm": result["grad_norm"],

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .bounds import ActiveUnits, bits_per_dim, elbo, iw_bound
+from .bounds import ActiveUnits, auto_iw_chunk, bits_per_dim, elbo, iw_bound
 from .distributions import HashedNoise
 
 
@@ -103,14 +103,15 @@ def _gather_per_example(accelerator, index: torch.Tensor, values: torch.Tensor) 
 
 @torch.no_grad()
 def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, accelerator=None,
-             iw_samples: int = 0, iw_chunk: int = 100, k: int = 0, max_examples: int | None = None,
+             iw_samples: int = 0, iw_chunk: int | None = None, k: int = 0, max_examples: int | None = None,
              active_units: bool = False, per_example: bool = False, desc: str = "eval",
              num_workers: int = 0, device=None, progress: bool = True) -> EvalResult:
     """L_1 (or L^{>k}), optionally L_K and active units, over ``dataset`` (dropout off).
 
     ``max_examples`` scores a subset drawn by ``subset_indices`` from ``seed`` (the seed of the
     noise too), stratified by ``dataset.labels`` when the dataset has them; every process draws the
-    same subset and takes its share.
+    same subset and takes its share. ``iw_chunk``: importance samples per forward pass; None chooses
+    it from free memory on the first batch (``auto_iw_chunk``; later batches are no larger).
     """
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
@@ -141,6 +142,8 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, acceler
             if G:
                 sums[4:] += out.kl.double().sum(0)
             if iw_samples:
+                if iw_chunk is None:
+                    iw_chunk = auto_iw_chunk(model, batch, iw_samples)
                 lk = iw_bound(model, batch, iw_samples, seed=seed, k=k, chunk_size=iw_chunk).double()
                 sums[3] += lk.sum()
                 iw_all.append(lk)

@@ -49,6 +49,28 @@ class WNConv(nn.Module):
         return conv(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with the distribution of ``nn.Dropout``: each element kept with probability
+    1 - p and scaled by 1 / (1 - p). The mask is ``rand >= p`` (a uniform draw and a compare), about 3x
+    faster on a CPU than ``bernoulli_``, which ``nn.Dropout`` uses; the binary preset drops in every block.
+    The uniforms are fp32 even under bf16 autocast, so the keep rate is exact, not rounded to bf16."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class GatedResLayer(nn.Module):
     """Gated residual layer (PixelCNN++ style): x + a * sigmoid(b), [a, b] = conv_1x1(drop(elu(conv_k(elu(x))))).
 
@@ -60,7 +82,7 @@ class GatedResLayer(nn.Module):
     def __init__(self, ndim: int, channels: int, kernel: int, dropout: float = 0.0):
         super().__init__()
         self.conv1 = WNConv(ndim, channels, channels, kernel)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = WNConv(ndim, channels, 2 * channels, 1, init_scale=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
