@@ -105,4 +105,11 @@ def get_preset(name: str, model: str = "biva-lstm", *, vocab_size: int = 20000, 
         sizes["hybrid"] = None
     cfg = TextModelConfig(model=model, vocab_size=vocab_size, max_tokens=max_tokens, kl_schedule=schedule,
                           kl_warmup_steps=warmup, **sizes)
+    if model == "biva-lstm":
+        # Ours, measured (README, "The decoder's view of z"): d_0 times a learned gain (initially 4) at the
+        # LSTM's input. On Jane Austen (small preset, 2000 steps) the decoder read the latents far earlier
+        # than with plain concatenation (validation KL 5.6 vs 3.2 nats at step 700, 6.6 vs 4.5 at 1100)
+        # at the same ELBO within 0.7 nats, closing; initialising the LSTM state from the latents kept
+        # them least (2.7 nats at 700). The baselines keep their papers' plain concatenation.
+        cfg.decoder_input = "scaled"
     return TextPreset(cfg.validate(), train, description)

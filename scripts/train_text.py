@@ -82,7 +82,8 @@ def parse_args(argv=None):
     view = [f for f in ("decoder_input", "decoder_init", "decoder_gain") if getattr(args, f) is not None]
     if view and args.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
         p.error(f"{args.model} has no LSTM reading latents; drop --{view[0].replace('_', '-')}")
-    if args.decoder_gain is not None and args.decoder_input in (None, "concat"):
+    scaled_by_default = args.model in (None, "biva-lstm")  # biva-lstm's preset default is scaled
+    if args.decoder_gain is not None and (args.decoder_input == "concat" or (args.decoder_input is None and not scaled_by_default)):
         p.error("--decoder-gain needs --decoder-input scaled or normalised")
     if args.aux_weight is not None and args.model != "hybrid-vae":
         p.error("--aux-weight is the hybrid-vae's auxiliary term; use it with --model hybrid-vae")

@@ -35,15 +35,24 @@ def training_loss(model, batch) -> torch.Tensor:
 def test_the_default_is_the_original_decoder():
     """Same parameters (old runs load) and the same loss, seed for seed, as explicit concat + zeros."""
     batch = make_batch([4, 13, 2, 7], seed=1)
-    default = build().train()
-    explicit = build(decoder_input="concat", decoder_init="zeros").train()
+    default = build("rnn-vae").train()  # biva-lstm's preset reads d_0 scaled (test_biva_lstm_preset_scales_d0)
+    explicit = build("rnn-vae", decoder_input="concat", decoder_init="zeros").train()
     assert (default.cfg.decoder_input, default.cfg.decoder_init) == ("concat", "zeros")
     assert default.state_dict().keys() == explicit.state_dict().keys()
     assert not any("cond_gain" in k or "init_state" in k for k in default.state_dict())
     assert training_loss(default, batch) == training_loss(explicit, batch)
     # ... and another view is a different model on the same weights.
-    scaled = build(decoder_input="scaled").train()
+    scaled = build("rnn-vae", decoder_input="scaled").train()
     assert training_loss(scaled, batch) != training_loss(default, batch)
+
+
+def test_biva_lstm_preset_scales_d0_and_the_baselines_concatenate():
+    from biva_text.model import TextModelConfig
+
+    assert TextModelConfig.decoder_input == "concat"  # old config.json files without the field load as they were
+    for preset in ("paper", "small", "tiny"):
+        views = {m: get_preset(preset, m).model.decoder_input for m in ("biva-lstm", "rnn-vae", "hybrid-vae")}
+        assert views == {"biva-lstm": "scaled", "rnn-vae": "concat", "hybrid-vae": "concat"}
 
 
 @pytest.mark.parametrize("decoder_input,decoder_init", OPTIONS)
@@ -104,7 +113,7 @@ def test_config_and_state_dict_round_trip(decoder_input, decoder_init):
     torch.testing.assert_close(copy(batch, HashedNoise(1, batch["index"])).log_px,
                                model(batch, HashedNoise(1, batch["index"])).log_px)
     with pytest.raises(RuntimeError):  # a run of another view does not load silently
-        build().load_state_dict(model.state_dict())
+        build(decoder_input="concat").load_state_dict(model.state_dict())
 
 
 def test_options_are_refused_where_no_lstm_reads_latents():
