@@ -19,7 +19,8 @@ greedy reconstructions with their input against other test sentences), then the 
 biva-lstm: KL >= 5 nats, active units >= 10%, L_1 perplexity within 10% of lstm-lm's, KL above
 rnn-vae's and hybrid-vae's, reconstructions sharing >= 2x as many words with their input as with
 other sentences. Exit status 1 when a check fails. Runs, data and OUT_DIR/text_quality.json go to
---out-dir; a finished run is reused unless --retrain.
+--out-dir; a finished run (and its test report, when made at the same step and K) is reused unless
+--retrain.
 """
 from __future__ import annotations
 
@@ -92,6 +93,16 @@ def finished(run: Path, steps: int) -> bool:
     return latest is not None and latest[0] >= steps
 
 
+def cached_report(run: Path, steps: int, iw_samples: int) -> dict | None:
+    """The run's test report when it was made at ``steps`` with this K and holds every figure used here."""
+    path = run / "report-test.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    fresh = report.get("step") == steps and report.get("iw_samples") in (iw_samples, None) and "unigram_overlap" in report
+    return report if fresh else None
+
+
 def checks(reports: dict) -> list[tuple[str, bool, str]]:
     """The issue's must-show conditions on biva-lstm, as (what, passed, figures)."""
     b = reports.get("biva-lstm")
@@ -160,7 +171,8 @@ def main(argv=None) -> dict:
             resume = ["--resume"] if (run / "config.json").is_file() else []
             train_text.main(common + flags + resume)
         seconds[name] = time.time() - start
-        reports[name] = report_text.main(["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", "cpu"])
+        reports[name] = cached_report(run, steps, args.iw_samples) or report_text.main(
+            ["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", "cpu"])
 
     print(f"\nTable 7 shape, Jane Austen test split, preset {PRESET}, {steps} steps each "
           f"(-log p(x) in nats per sentence; AU: active units / units; overlap: own / other sentences)")
