@@ -146,8 +146,8 @@ def reference_log_likelihood(decoder, io, tokens, lengths, cond):
     prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], dim=1)
     x = io.embedding(prev) * io.dim ** 0.5
     if cond is not None:
-        x = torch.cat([x, cond], dim=2)
-    h, _ = decoder.lstm(x)
+        x = torch.cat([x, decoder.read_cond(cond)], dim=2)  # the config's view of d_0 (scaled for biva-lstm)
+    h, _ = decoder.lstm(x, decoder.initial_state(cond))
     logits = torch.nn.functional.linear(decoder.proj(h), io.embedding.weight, io.out_bias)
     logp = torch.log_softmax(logits.float(), -1).gather(2, tokens[:, :, None]).squeeze(2)
     return torch.where(torch.arange(T)[None] < lengths[:, None], logp, torch.zeros_like(logp)).sum(1)

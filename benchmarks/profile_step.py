@@ -2,8 +2,8 @@
 """Where the time goes: torch.profiler over the image training step, the text training step and the
 L_K evaluation, on random data.
 
-    python benchmarks/profile.py --what image --preset binary --device cpu --threads 2
-    python benchmarks/profile.py --what all --preset cifar10 --mixed-precision bf16      # on a GPU
+    python benchmarks/profile_step.py --what image --preset binary --device cpu --threads 2
+    python benchmarks/profile_step.py --what all --preset cifar10 --mixed-precision bf16      # on a GPU
 
 Each part runs --warmup untimed steps, then profiles --steps steps (the training step is the engine's,
 benchmarks/image_throughput.engine_step; L_K is shared.bounds.iw_bound with --iw-samples samples on
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file's name hides the standard library's ``profile`` (which cProfile, imported by torch, needs):
-# take its folder off the path and load the sibling benchmarks by file.
+# The sibling benchmarks are loaded by file; the project root goes first on the path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
