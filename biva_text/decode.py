@@ -353,6 +353,19 @@ def warn_unknown(encoded: EncodedSentences, file=None) -> None:
               f"{', '.join(encoded.unknown)}", file=file or sys.stderr)
 
 
+def encode_for_script(tokenizer: Tokenizer, sentences: list[str], max_tokens: int, source: str) -> EncodedSentences:
+    """``encode_sentences`` as the scripts use it: each skipped sentence and the unknown words said on
+    stderr, and a UserError when nothing is left."""
+    encoded = encode_sentences(tokenizer, sentences, max_tokens)
+    for sentence, why in encoded.skipped:
+        print(f"skipped: {sentence!r} ({why})", file=sys.stderr)
+    warn_unknown(encoded)
+    if not encoded.kept:
+        raise UserError(f"no usable sentence in {source}: all {len(sentences)} were skipped "
+                        f"({encoded.skipped[0][1]} in the first)")
+    return encoded
+
+
 def to_text(tokenizer: Tokenizer, tokens: torch.Tensor) -> list[str]:
     """Sentences of token ids (n, L), or lists of sentences for n-best ids (n, K, L)."""
     if tokens.dim() == 3:

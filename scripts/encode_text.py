@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from biva_text.decode import encode_sentences, posterior_stats, warn_unknown
+    from biva_text.decode import encode_for_script, posterior_stats
     from biva_text.report import load_text_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,13 +70,7 @@ def main(argv=None) -> dict:
     if model.num_groups == 0:
         raise UserError("an LSTM language model (lstm-lm) has no latent variables to encode to; "
                         "use a run of biva-lstm, biva or rnn-vae")
-    encoded = encode_sentences(tokenizer, sentences, model.cfg.max_tokens)
-    for sentence, why in encoded.skipped:
-        print(f"skipped: {sentence!r} ({why})", file=sys.stderr)
-    warn_unknown(encoded)
-    if not encoded.kept:
-        raise UserError(f"no usable sentence in {source}: all {len(sentences)} were skipped "
-                        f"({encoded.skipped[0][1]} in the first)")
+    encoded = encode_for_script(tokenizer, sentences, model.cfg.max_tokens, source)
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     with torch.no_grad():
         for start in range(0, len(encoded.kept), args.batch_size):

@@ -53,16 +53,10 @@ def main(argv=None) -> list[tuple[str, str]]:
     if not sentences:
         raise UserError(f"{source} has no sentence; give one sentence per line")
 
-    from biva_text.decode import encode_sentences, reconstruct, to_text, warn_unknown
+    from biva_text.decode import encode_for_script, reconstruct, to_text
 
     model, tokenizer, opts = open_for_decoding(args)
-    encoded = encode_sentences(tokenizer, sentences, model.cfg.max_tokens)
-    for sentence, why in encoded.skipped:
-        print(f"skipped: {sentence!r} ({why})", file=sys.stderr)
-    warn_unknown(encoded)
-    if not encoded.kept:
-        raise UserError(f"no usable sentence in {source}: all {len(sentences)} were skipped "
-                        f"({encoded.skipped[0][1]} in the first); use sentences in the run's vocabulary")
+    encoded = encode_for_script(tokenizer, sentences, model.cfg.max_tokens, source)
     pairs = []
     for start in range(0, len(encoded.kept), BATCH):
         batch = {k: v[start:start + BATCH].to(next(model.parameters()).device) for k, v in encoded.batch.items()}

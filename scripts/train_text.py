@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_text.cli import add_text_data_flags, check_text_data_flags, data_config, print_data_stats  # noqa: E402
 from biva_text.names import DECODER_INITS, DECODER_INPUTS, KL_SCHEDULES, NON_AUTOREGRESSIVE, TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import (ArgumentParser, add_training_flags, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
-                        positive_int)
+from shared.cli import ArgumentParser, add_training_flags, fraction, nonneg_float, nonneg_int, positive_float  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
 SAMPLES_PER_EVAL = 20
@@ -59,14 +58,15 @@ def parse_args(argv=None):
     m.add_argument("--kl-warmup-steps", type=nonneg_int, help="optimiser steps over which the KL weight rises "
                                                               "linearly from 0 to 1 (warmup; default: the preset's)")
     m.add_argument("--decoder-input", choices=DECODER_INPUTS,
-                   help="how the LSTM reads the latents' features at each step: concat (default: beside the "
-                        "token embedding), scaled (times a learned gain) or normalised (layer norm over "
-                        "channels, then the gain)")
+                   help="how the LSTM reads the latents' features at each step, beside the token embedding: "
+                        "concat (as they are; the default of rnn-vae and hybrid-vae), scaled (times a learned "
+                        "gain; the default of biva-lstm, chosen by measurement, see the README) or normalised "
+                        "(layer norm over channels, then the gain)")
     m.add_argument("--decoder-init", choices=DECODER_INITS,
                    help="the LSTM's initial state: zeros (default) or latents (a linear map of the features "
                         "averaged over the sentence)")
     m.add_argument("--decoder-gain", type=positive_float,
-                   help="initial value of the learned gain of --decoder-input scaled/normalised (default 4)")
+                   help="initial value of the learned gain of --decoder-input scaled/normalised (default 4, ours)")
     m.add_argument("--aux-weight", type=nonneg_float,
                    help="hybrid-vae: weight alpha of the auxiliary reconstruction term in the training loss "
                         "(default 0.2; reported bounds never include it)")
