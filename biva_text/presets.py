@@ -3,18 +3,22 @@
 A preset fixes the widths of all four models and the training defaults that go with them; the
 vocabulary size comes from the trained tokenizer and the padded length T from ``max_tokens``.
 
-paper   L = 7 levels of 128 kernels, M = 3 gated layers per block, kernel 5 at the bottom and 3
-        above, stride 2 at levels 1, 4 and 7 (T = 48 for 40 pieces: 48 → 24 → 12 → 6 positions),
-        convolutional latents of 16 channels at the bottom down to 4 at the top; embeddings 512,
-        LSTM 1024 units; the RNN-VAE's latent has 32 dimensions. Adamax 2e-3, batch 512, 5 epochs,
-        one sample, free bits: a 30-nat budget over the 2L - 1 = 13 groups, lowered on plateaus of
-        the validation ELBO (halved after 4 evaluations without a gain of 0.05 nats over the best, down
-        to a floor of 1 nat in all).
+paper   The paper's (BIVA's text appendix, DESIGN.md §7): L = 7 levels of 128 kernels, embeddings 512,
+        an LSTM of 1024 units, 20,000 pieces and sentences of at most 40, Adamax 2e-3, batch 512,
+        5 epochs, one sample, free bits starting at a 30-nat budget and lowered on plateaus.
+        Ours, where the paper gives no value: M = 3 gated layers per block, kernel 5 at the bottom and
+        3 above, stride 2 at levels 1, 4 and 7 (T = 48 for 40 pieces: 48 → 24 → 12 → 6 positions),
+        convolutional latents of 16 channels at the bottom down to 4 at the top, the RNN-VAE's
+        32-dimensional latent, the plateau rule (halve B after 4 evaluations without a gain of 0.05
+        nats over the best, floor 1 nat in all: the paper says only "incrementally decrease on
+        plateau"), validation every 2000 steps on 10,000 sentences, EMA 0.999, KL warm-up over 20k
+        steps, biva-lstm reading d_0 through a learned gain (README, "The decoder's view of z").
         The Hybrid VAE: convolutions of 128, 256, 512 channels (kernel 3, stride 2), 200 feature
         channels, alpha = 0.2 (the authors' released code; BIVA's paper gives no widths), the same
         embeddings, LSTM and latent size as the RNN-VAE; KL warm-up over 20k steps.
-small   the same shapes, narrow (32 kernels, L = 4, LSTM 128), for CPU runs of a few minutes.
-tiny    a seconds-long model for tests.
+small   ours: the same shapes, narrow (32 kernels, L = 4, LSTM 128, embeddings 64), for CPU runs of a
+        few minutes; a budget of 8 nats halved after 2 evaluations without a 0.1-nat gain, floor 1.
+tiny    ours: a seconds-long model for tests.
 
 Every preset trains on length-bucketed batches (``length_buckets``; shared/engine.py BatchPlan).
 """
