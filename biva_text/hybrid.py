@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.distributions import Gaussian, standard_normal_like
+from shared.distributions import Gaussian
 from shared.errors import UserError
 from shared.model import LatentVariableModel, ModelOutput
 
@@ -122,16 +122,10 @@ class HybridVAE(TextModelMixin, LatentVariableModel):
         return q.sample(noise.normal(q.mu.shape, LATENT_KEY, q.mu.device))
 
     def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
-        if k != 0:
-            raise UserError(f"the Hybrid VAE has one latent level; k must be 0, got {k}")
-        q = self.posterior(batch)
-        prior = standard_normal_like(q.mu.shape, q.mu.device)
-        # mode "prior": z ~ p(z) instead (log p(x | z) of a latent that knows nothing of x)
-        z = noise.normal(q.mu.shape, LATENT_KEY, q.mu.device) if mode == "prior" else self._sample(q, noise)
-        log_px = self.log_likelihood(self.features(z), self.padded_tokens(batch), batch["length"].long())
-        out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
-                          scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)
-        return self._warm(out)
+        def log_px(z):
+            return self.log_likelihood(self.features(z), self.padded_tokens(batch), batch["length"].long())
+
+        return self.one_latent_forward(batch, noise, mode, k, analytic_kl, "the Hybrid VAE", LATENT_KEY, log_px)
 
     def posterior_means(self, batch, noise):
         return [self.posterior(batch).mu]

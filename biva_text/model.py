@@ -328,6 +328,21 @@ class TextModelMixin:
             return tokens[:, :T]
         return tokens
 
+    def one_latent_forward(self, batch, noise, mode: str, k: int, analytic_kl: bool, what: str, key: int,
+                           log_px) -> ModelOutput:
+        """``forward`` of a model with one Gaussian latent (the RNN-VAE, the Hybrid VAEs): z ~ q(z | x),
+        or in mode "prior" z ~ p(z) (log p(x | z) of a latent that knows nothing of x); ``log_px(z)``
+        scores the batch."""
+        if k != 0:
+            raise UserError(f"{what} has one latent level; k must be 0, got {k}")
+        q = self.posterior(batch)
+        prior = standard_normal_like(q.mu.shape, q.mu.device)
+        eps = noise.normal(q.mu.shape, key, q.mu.device)
+        z = eps if mode == "prior" else q.sample(eps)
+        out = ModelOutput(log_px=log_px(z), log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
+                          scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)
+        return self._warm(out)
+
     def _warm(self, out: ModelOutput) -> ModelOutput:
         # Decided on the config, not on the weight's value: no device sync, no recompilation.
         if self.cfg.kl_schedule != "warmup" or out.log_q.shape[1] == 0 or not torch.is_grad_enabled():
@@ -455,18 +470,13 @@ class RNNVAE(TextModelMixin, LatentVariableModel):
         return z[:, None, :].expand(z.shape[0], n, z.shape[1])
 
     def forward(self, batch, noise, *, mode="posterior", k=0, analytic_kl=False) -> ModelOutput:
-        if k != 0:
-            raise UserError(f"the RNN-VAE has one latent level; k must be 0, got {k}")
-        q = self.posterior(batch)
-        prior = standard_normal_like(q.mu.shape, q.mu.device)
-        # mode "prior": z ~ p(z) instead (log p(x | z) of a latent that knows nothing of x)
-        eps = noise.normal(q.mu.shape, RNN_VAE_KEY, q.mu.device)
-        z = eps if mode == "prior" else q.sample(eps)
         lengths = batch["length"].long()
-        log_px = self.decoder.log_likelihood(self.io, self.padded_tokens(batch), lengths, self._expand(z, int(lengths.max())))
-        out = ModelOutput(log_px=log_px, log_q=q.log_prob(z)[:, None], log_p=prior.log_prob(z)[:, None],
-                          scored=[True], kl_analytic=q.kl(prior)[:, None] if analytic_kl else None)
-        return self._warm(out)
+
+        def log_px(z):
+            return self.decoder.log_likelihood(self.io, self.padded_tokens(batch), lengths,
+                                               self._expand(z, int(lengths.max())))
+
+        return self.one_latent_forward(batch, noise, mode, k, analytic_kl, "the RNN-VAE", RNN_VAE_KEY, log_px)
 
     def posterior_means(self, batch, noise):
         return [self.posterior(batch).mu]
