@@ -39,7 +39,8 @@ def parse_args(argv=None):
                    help="autocast precision of training and evaluation (default no)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model; the first (compiling) step is timed apart and not in the figures")
-    p.add_argument("--channels-last", action="store_true", help="2-D feature maps in channels_last memory format")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="2-D feature maps in channels_last memory format, as training runs them (default on)")
     p.add_argument("--iw-samples", type=int, default=1000, help="K of the timed L_K evaluation (default 1000; 0 skips)")
     p.add_argument("--iw-chunk", type=int,
                    help="importance samples per forward pass (default: from free memory, shared.bounds.auto_iw_chunk)")
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
     from shared.bounds import auto_iw_chunk, iw_bound
     from shared.distributions import TrainNoise
     from shared.engine import EMA
+    from shared.nn import set_channels_last
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,9 +118,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     kw = {"levels": args.levels} if args.levels and args.preset != "tiny" else {}
     preset = get_preset(args.preset, args.model, **kw)
-    model = ImageVAE(preset.model).to(device)
+    model = set_channels_last(ImageVAE(preset.model).to(device), args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adamax(model.parameters(), lr=preset.train.lr)

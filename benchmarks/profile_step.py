@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast precision (default no)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads on a CPU (default: torch's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="image feature maps in channels_last memory format, as training runs them (default on)")
     p.add_argument("--rows", type=positive_int, default=15, help="operators listed per table (default 15)")
     return p.parse_args(argv)
 
@@ -134,14 +136,16 @@ def main(argv=None) -> None:
         from biva_image.model import ImageVAE
         from biva_image.presets import get_preset
         from shared.bounds import iw_bound
+        from shared.nn import set_channels_last
 
         torch.manual_seed(0)
         preset = get_preset(args.preset, args.model)
-        model = ImageVAE(preset.model).to(device)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = set_channels_last(ImageVAE(preset.model).to(device), args.channels_last)
         shape = preset.model.image_shape
         g = torch.Generator().manual_seed(0)
         images = [torch.randint(0, 256, (args.batch_size, *shape), dtype=torch.uint8, generator=g).to(device)
-                  for _ in range(2)]
+                  .contiguous(memory_format=memory_format) for _ in range(2)]
         batches = [{"index": torch.arange(args.batch_size, device=device), "x": x} for x in images]
         if args.what != "eval":
             profile(f"image training step, {args.preset} {args.model}, batch {args.batch_size}",

@@ -9,7 +9,7 @@ from shared.distributions import DiscretizedLogisticMixture, bernoulli_log_prob,
 from shared.errors import UserError
 from shared.ladder import LadderConfig
 from shared.model import LadderModel
-from shared.nn import WNConv
+from shared.nn import WNConv, set_channels_last
 
 from .names import LIKELIHOODS
 
@@ -51,6 +51,9 @@ class ImageVAE(LadderModel):
         C = cfg.image_shape[0]
         out = C if cfg.likelihood == "bernoulli" else mixture_param_channels(C, cfg.mixture_components)
         self.head = WNConv(2, cfg.ladder.output_channels, out, kernel=3, init_scale=0.1)
+        # channels_last feature maps by default (faster, same numbers up to rounding); training's
+        # --no-channels-last turns it off (shared.nn.set_channels_last).
+        set_channels_last(self, True)
 
     def binarized(self, x: torch.Tensor, noise) -> torch.Tensor:
         if self.cfg.binarize == "static":

@@ -114,6 +114,7 @@ def main(argv=None) -> None:
     from biva_image.viz import save_grid
     from shared.config import RunConfig, from_dict, replace, to_dict
     from shared.engine import Trainer, labelled_batch_size, process_state
+    from shared.nn import set_channels_last
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
     from shared.train import open_run, start_weights
     from biva_image.model import ImageModelConfig
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
         labelled_set, train_set = None, ImageDataset(splits.train, splits.train_labels)
     else:
         labelled_set, train_set = semi_supervised_sets(splits, labelled)
-    trainer = Trainer(run, lambda: ImageVAE(model_cfg), train_set, ImageDataset(splits.valid, splits.valid_labels), out,
+    trainer = Trainer(run, lambda: set_channels_last(ImageVAE(model_cfg), run.train.channels_last), train_set, ImageDataset(splits.valid, splits.valid_labels), out,
                       resume=args.resume, on_evaluate=on_evaluate, labelled_set=labelled_set,
                       init_weights=start_weights(run, out, args.resume))
     if state.is_main_process:

@@ -149,6 +149,10 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
         s.add_argument("--no-length-buckets", dest="length_buckets", action="store_false", default=None,
                        help="draw batches from a plain random permutation instead of length buckets (default: "
                             "buckets, so the LSTM runs over little padding; every sentence once per epoch either way)")
+    if modality == "image":
+        s.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                       help="keep feature maps in NCHW instead of channels_last (NHWC), which measured about 1.1x "
+                            "faster on a CPU; numbers equal up to float rounding (default: channels_last)")
     if isinstance(p, ArgumentParser):
         p.checks.append(lambda args: check_run_flags(args, modality))
         p.checks.append(check_report_to)

@@ -140,6 +140,7 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = 0
     length_buckets: bool = False  # batches of similar lengths (text presets; needs a dataset with .lengths)
+    channels_last: bool = True  # 2-D feature maps in NHWC (images; shared.nn.set_channels_last)
 
 
 @dataclass

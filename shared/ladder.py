@@ -147,11 +147,14 @@ class LatentToFeatures(nn.Module):
         self.out_channels = zc
         if self.dense:
             self.net = WNConv(0, zc, zc * math.prod(size))
+        self.ndim = cfg.ndim
+        self.channels_last = False  # set by shared.nn.set_channels_last: the map joins channels_last ones
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if not self.dense:
             return z
-        return self.net(z).view(z.shape[0], self.out_channels, *self.size)
+        h = self.net(z).view(z.shape[0], self.out_channels, *self.size)
+        return h.contiguous(memory_format=torch.channels_last) if self.channels_last else h
 
 
 class RepeatedNoise:

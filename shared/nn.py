@@ -27,6 +27,7 @@ class WNConv(nn.Module):
         if kernel % 2 == 0:
             raise ValueError(f"kernel sizes must be odd, got {kernel}")
         self.ndim, self.kernel, self.stride = ndim, kernel, stride
+        self.channels_last = False  # 2-D only; set by set_channels_last
         shape = (c_out, c_in) + (kernel,) * ndim
         v = torch.empty(shape)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))
@@ -45,27 +46,46 @@ class WNConv(nn.Module):
         w = self.weight()
         if self.ndim == 0:
             return F.linear(x, w, self.b)
-        conv = F.conv1d if self.ndim == 1 else F.conv2d
-        return conv(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
+        if self.ndim == 1:
+            return F.conv1d(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
+        if self.channels_last:  # no-ops once the whole network runs channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
+            # also the output: a 1-channel input is both layouts, and the convolution then picks NCHW
+            return F.conv2d(x, w, self.b, stride=self.stride, padding=self.kernel // 2).contiguous(
+                memory_format=torch.channels_last)
+        return F.conv2d(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
 
 
 class Dropout(nn.Module):
     """Inverted dropout with the distribution of ``nn.Dropout``: each element kept with probability
-    1 - p and scaled by 1 / (1 - p). The mask is ``rand >= p`` (a uniform draw and a compare), about 3x
-    faster on a CPU than ``bernoulli_``, which ``nn.Dropout`` uses; the binary preset drops in every block.
-    The uniforms are fp32 even under bf16 autocast, so the keep rate is exact, not rounded to bf16."""
+    1 - p and scaled by 1 / (1 - p).
+
+    The mask compares 16-bit random integers with a threshold, four from each 64-bit draw of the
+    generator: on a CPU, where torch's generator runs on one thread, that is about 4x faster than a
+    uniform per element (and 8x faster than ``bernoulli_``, which ``nn.Dropout`` uses); the binary preset
+    drops in every block. So p is rounded to a multiple of 2^-16 (0.2 -> 0.199997), and the scale uses
+    the rounded p, so the output stays unbiased. The mask is drawn in the layout of x (a channels_last
+    feature map gets a channels_last mask), whatever its dtype."""
 
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p}")
         self.p = p
+        self.dropped = round(p * 65536)  # of the 65536 values of an int16, those below the threshold drop
+        if self.dropped >= 65536:
+            raise ValueError(f"dropout {p} rounds to 1 at a resolution of 2^-16")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or self.dropped == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)  # all 64 bits
+        lanes = bits.view(torch.int16)[:n]
+        dense_permuted = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        lanes = lanes.as_strided(x.shape, x.stride()) if dense_permuted else lanes.view(x.shape)
+        keep = lanes >= self.dropped - 32768
+        return x * (keep.to(x.dtype) * (65536 / (65536 - self.dropped)))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -89,6 +109,21 @@ class GatedResLayer(nn.Module):
         h = self.conv1(F.elu(x))
         a, b = self.conv2(self.dropout(F.elu(h))).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
+
+
+def set_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the 2-D feature maps of ``module`` in the channels_last (NHWC) memory format, or back in NCHW.
+
+    Only activations change layout: every 2-D convolution takes and returns channels_last maps (and so
+    does every module with a ``channels_last`` attribute, e.g. the ladder's dense-latent projections),
+    so the whole network stays in one layout; parameters stay contiguous, as checkpoints store them.
+    Numbers are the same up to float rounding. Measured on a 2-core AVX512-BF16 CPU (the binary
+    preset's step, batch 48): about 1.1x faster in fp32 and in bf16 (benchmarks/image_throughput.py
+    --no-channels-last is the other side)."""
+    for m in module.modules():
+        if hasattr(m, "channels_last") and getattr(m, "ndim", 2) == 2:
+            m.channels_last = enabled
+    return module
 
 
 def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:

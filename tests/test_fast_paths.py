@@ -22,19 +22,81 @@ def test_dropout_keeps_one_minus_p_and_rescales():
         kept = y != 0
         # 400k Bernoulli draws: the keep rate's standard error is below 0.001.
         assert abs(kept.float().mean().item() - (1 - p)) < 0.004
-        assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+        # p is rounded to 2^-16 (0.2 -> 13107 / 65536) and the scale uses the rounded p: unbiased.
+        scale = 65536 / (65536 - round(p * 65536))
+        assert abs(scale - 1 / (1 - p)) < 1e-5 * scale
+        assert torch.equal(y[kept], torch.full_like(y[kept], scale))
         assert abs(y.mean().item() - 1.0) < 0.01  # unbiased, as nn.Dropout
         z = torch.randn(50, 7, requires_grad=True)
         out = drop(z)
         out.sum().backward()  # the gradient is the same mask, scaled
-        torch.testing.assert_close(z.grad, (out.detach() != 0).float() / (1 - p))
+        torch.testing.assert_close(z.grad, (out.detach() != 0).float() * scale)
         assert torch.equal(drop.eval()(x), x)  # identity in evaluation
 
 
-def test_bf16_mask_is_drawn_in_fp32():
+def test_dropout_uses_all_four_16_bit_lanes_of_each_draw_independently():
+    """Four mask elements come from one 64-bit draw: every lane must keep at 1 - p, and neighbouring
+    lanes must not be correlated (a lane taken from a 63-bit draw, or repeated, would show here)."""
     torch.manual_seed(0)
-    y = Dropout(0.2).train()(torch.ones(400_000, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and abs((y != 0).float().mean().item() - 0.8) < 0.004
+    y = Dropout(0.5).train()(torch.ones(800_000)).view(-1, 4) != 0
+    rates = y.float().mean(0)
+    assert torch.all((rates - 0.5).abs() < 0.004), rates
+    both = (y[:, 0] & y[:, 1]).float().mean().item()
+    assert abs(both - 0.25) < 0.004  # independent lanes: P(keep, keep) = 1/4
+    assert abs((y[:-1, 3] & y[1:, 0]).float().mean().item() - 0.25) < 0.004  # across draws too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_mask_follows_the_layout_of_x_and_not_its_dtype(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(40, 16, 25, 25, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    y = Dropout(0.2).train()(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert abs((y != 0).float().mean().item() - 0.8) < 0.004  # the rate is not rounded to bf16
+    # the same draws as a contiguous tensor: the mask is laid out as x is, element for element
+    torch.manual_seed(0)
+    flat = Dropout(0.2).train()(torch.ones(40 * 25 * 25 * 16, dtype=dtype)) != 0
+    assert torch.equal((y != 0).permute(0, 2, 3, 1).reshape(-1), flat)
+
+
+def test_channels_last_runs_every_convolution_in_nhwc_and_keeps_the_numbers():
+    """set_channels_last (the image model's default) puts every 2-D feature map, the dense latents'
+    maps included, in channels_last; the bound and its gradients equal the NCHW model's up to float
+    rounding (stated tolerance: 1e-5 relative), and parameters stay contiguous for checkpoints."""
+    from shared.distributions import TrainNoise
+    from shared.nn import WNConv, set_channels_last
+
+    for kind in ("dense", "conv"):
+        torch.manual_seed(0)
+        cfg = tiny_image_config("biva", kind=kind, levels=3, depth=2)
+        nhwc = ImageVAE(cfg)
+        nchw = set_channels_last(ImageVAE(cfg), False)
+        nchw.load_state_dict(nhwc.state_dict())
+        b = image_batch("bernoulli", n=6)
+        layouts = []
+
+        def record(module, inputs):  # what reaches each 2-D convolution, before it converts anything
+            x = inputs[0]
+            if module.ndim == 2 and x.shape[1] > 1:  # a 1-channel map is both layouts at once
+                layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+        grads = []
+        for model, expect in ((nhwc, True), (nchw, False)):
+            layouts.clear()
+            hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, WNConv)]
+            torch.manual_seed(3)  # the same latent noise for both
+            out = model(b, TrainNoise())
+            for h in hooks:
+                h.remove()
+            # nothing converts between layers: every map arrives in the model's layout
+            assert len(layouts) > 5 and all(v == expect for v in layouts), (kind, expect, layouts)
+            loss = -out.bound().mean()
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+        for g1, g2 in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+        assert all(p.is_contiguous() for p in nhwc.parameters())
 
 
 def image_batch(likelihood, n=8):

@@ -336,3 +336,26 @@ def test_histogram_baseline_of_the_quality_benchmark():
     expected_seen = -math.log2(4 / 262)
     assert hist(train, np.zeros((2, 1, 2, 2), np.uint8)) == pytest.approx(expected_seen)
     assert hist(train, np.full((1, 1, 2, 2), 200, np.uint8)) == pytest.approx(-math.log2(1 / 262))
+
+
+def test_no_channels_last_is_recorded_and_turns_the_layout_off(world, tmp_path, monkeypatch):
+    """Training runs 2-D feature maps channels_last by default; --no-channels-last is saved in
+    config.json and reaches the model the engine trains."""
+    assert json.loads((world["run"] / "config.json").read_text())["train"]["channels_last"] is True
+    import shared.engine as engine
+
+    seen = []
+    original = engine.Trainer.__init__
+
+    def spy(self, run, build_model, *a, **k):
+        model = build_model()
+        seen.append([m.channels_last for m in model.modules() if hasattr(m, "channels_last") and m.ndim == 2])
+        original(self, run, build_model, *a, **k)
+
+    monkeypatch.setattr(engine.Trainer, "__init__", spy)
+    run = tmp_path / "nhwc-off"
+    train_image.main(["--data-dir", str(world["data"]), "--preset", "tiny", "--output-dir", str(run),
+                      "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--batch-size", "16",
+                      "--no-channels-last", "--cache-dir", str(world["root"] / "cache")])
+    assert json.loads((run / "config.json").read_text())["train"]["channels_last"] is False
+    assert seen and seen[0] and not any(seen[0])
