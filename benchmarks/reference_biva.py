@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="bf16: its training step under torch.autocast, as this project's --mixed-precision bf16 "
+                        "(a like-for-like row; the code itself has no such option)")
     args = p.parse_args()
     tv, tvu = types.ModuleType("torchvision"), types.ModuleType("torchvision.utils")
     tvu.make_grid, tv.utils = None, tvu
@@ -60,7 +63,8 @@ def main() -> None:
 
     def step():
         xb = torch.rand(args.batch_size, 1, 28, 28).bernoulli()
-        training_step(xb, model, evaluator, optimizer, scheduler, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+            training_step(xb, model, evaluator, optimizer, scheduler, **kwargs)
         ema.update()
 
     for _ in range(args.warmup):
@@ -71,7 +75,8 @@ def main() -> None:
     seconds = time.perf_counter() - t
     params = sum(q.numel() for q in model.parameters())
     print(json.dumps({"benchmark": "reference_biva", "num_params": params, "batch_size": args.batch_size,
-                      "steps": args.steps, "threads": args.threads, "train_s": seconds,
+                      "steps": args.steps, "threads": args.threads, "mixed_precision": args.mixed_precision,
+                      "train_s": seconds,
                       "train_images_per_s": args.batch_size * args.steps / seconds}))
 
 
