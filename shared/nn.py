@@ -56,36 +56,47 @@ class WNConv(nn.Module):
         return F.conv2d(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
 
 
+def keep_mask(x: torch.Tensor, dropped: int, int16_lanes: bool | None = None) -> torch.Tensor:
+    """A boolean mask in the layout of x, each element False with probability dropped / 65536.
+
+    On a CPU (``int16_lanes`` None: by device) the mask compares 16-bit random integers with a
+    threshold, four from each 64-bit draw of the generator: torch's CPU generator runs on one thread,
+    and this is about 4x faster than one uniform per element (and 8x faster than ``bernoulli_``). On
+    other devices, whose generators are parallel (and where a full-range int64 draw may not exist),
+    it is one uniform per element. A channels_last x gets a channels_last mask either way."""
+    if int16_lanes is None:
+        int16_lanes = x.device.type == "cpu"
+    if not int16_lanes:
+        return torch.rand_like(x, dtype=torch.float32) >= dropped / 65536
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)  # all 64 bits
+    lanes = bits.view(torch.int16)[:n]
+    dense_permuted = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    lanes = lanes.as_strided(x.shape, x.stride()) if dense_permuted else lanes.view(x.shape)
+    return lanes >= dropped - 32768
+
+
 class Dropout(nn.Module):
     """Inverted dropout with the distribution of ``nn.Dropout``: each element kept with probability
-    1 - p and scaled by 1 / (1 - p).
+    1 - p and scaled by 1 / (1 - p); the binary preset drops in every block.
 
-    The mask compares 16-bit random integers with a threshold, four from each 64-bit draw of the
-    generator: on a CPU, where torch's generator runs on one thread, that is about 4x faster than a
-    uniform per element (and 8x faster than ``bernoulli_``, which ``nn.Dropout`` uses); the binary preset
-    drops in every block. So p is rounded to a multiple of 2^-16 (0.2 -> 0.199997), and the scale uses
-    the rounded p, so the output stays unbiased. The mask is drawn in the layout of x (a channels_last
-    feature map gets a channels_last mask), whatever its dtype."""
+    The mask comes from ``keep_mask`` (16-bit random integers on a CPU), so p is rounded to a multiple
+    of 2^-16 (0.2 -> 0.199997) on every device, and the scale uses the rounded p: the output stays
+    unbiased. The mask is drawn in the layout of x, whatever its dtype."""
 
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p}")
         self.p = p
-        self.dropped = round(p * 65536)  # of the 65536 values of an int16, those below the threshold drop
+        self.dropped = round(p * 65536)  # of 65536 equally likely values, those that drop
         if self.dropped >= 65536:
             raise ValueError(f"dropout {p} rounds to 1 at a resolution of 2^-16")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return x
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)  # all 64 bits
-        lanes = bits.view(torch.int16)[:n]
-        dense_permuted = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        lanes = lanes.as_strided(x.shape, x.stride()) if dense_permuted else lanes.view(x.shape)
-        keep = lanes >= self.dropped - 32768
-        return x * (keep.to(x.dtype) * (65536 / (65536 - self.dropped)))
+        return x * (keep_mask(x, self.dropped).to(x.dtype) * (65536 / (65536 - self.dropped)))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -9,7 +9,7 @@ from biva_image.model import ImageVAE
 from shared.bounds import auto_iw_chunk, elbo, iw_bound
 from shared.engine import Trainer
 from shared.evaluate import evaluate
-from shared.nn import Dropout
+from shared.nn import Dropout, keep_mask
 from shared.run_dir import read_metrics, write_run_config
 
 
@@ -44,6 +44,16 @@ def test_dropout_uses_all_four_16_bit_lanes_of_each_draw_independently():
     both = (y[:, 0] & y[:, 1]).float().mean().item()
     assert abs(both - 0.25) < 0.004  # independent lanes: P(keep, keep) = 1/4
     assert abs((y[:-1, 3] & y[1:, 0]).float().mean().item() - 0.25) < 0.004  # across draws too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_uniform_mask_of_other_devices_has_the_rate_and_layout_too(dtype):
+    """GPUs draw one uniform per element (keep_mask's other path, run here on the CPU)."""
+    torch.manual_seed(0)
+    x = torch.ones(40, 16, 25, 25, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    keep = keep_mask(x, round(0.2 * 65536), int16_lanes=False)
+    assert keep.is_contiguous(memory_format=torch.channels_last) and not keep.is_contiguous()
+    assert abs(keep.float().mean().item() - 0.8) < 0.004
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
