@@ -17,6 +17,8 @@ attempts (1-based, skipped ones included) for the first four, optimiser steps fo
 - ``enospc-save@N``: the disk fills up while checkpoint N is written: a partial file is left in the
   temporary folder and ``OSError(ENOSPC)`` is raised (on every process, or on RANK only)
 - ``enospc-export@N``: the same while the weights of checkpoint N are exported, after its rename
+- ``enospc-metrics@N``: the disk is full for metrics.jsonl from optimiser step N on (every append
+  writes part of its lines, then ``OSError(ENOSPC)``)
 
 ``BIVA_PREPARE_DELAY_S``: the text preparation sleeps this many seconds before it encodes the token
 store (a slow corpus, longer than a short ``BIVA_DIST_TIMEOUT_S``, for the multi-process test).
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
-         "enospc-export")
+         "enospc-export", "enospc-metrics")
 
 
 class Faults:
@@ -57,6 +59,10 @@ class Faults:
     def kill_if(self, kind: str, n: int) -> None:
         if (kind, n) in self.active:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def full_since(self, kind: str, n: int) -> bool:
+        """Whether a ``kind@M`` fault with M <= n is set (a disk that stays full from step M on)."""
+        return any(k == kind and m <= n for k, m in self.active)
 
     def disk_full_if(self, kind: str, n: int, path: Path) -> None:
         """As a writer on a full disk: part of ``path`` written, then ENOSPC."""

@@ -37,13 +37,13 @@ from . import run_dir as rd
 from . import tracking
 from .debug_hooks import Faults, dump_state
 from .distributions import TrainNoise
-from .errors import UserError
+from .errors import DISK_FULL_EXIT_CODE, UserError
 from .evaluate import evaluate, subset_info
 from .free_bits import FreeBitsSchedule, free_bits_kl
 from .model import LatentVariableModel
 
 PREEMPT_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by signal" (130 after SIGINT)
-STORAGE_EXIT_CODE = 74  # EX_IOERR (sysexits.h): a checkpoint or the weights could not be written (disk full)
+STORAGE_EXIT_CODE = DISK_FULL_EXIT_CODE  # a checkpoint or the weights could not be written (disk full)
 
 
 def use_cpu() -> bool:
@@ -279,6 +279,7 @@ class Trainer:
             raise RuntimeError(f"{launched_processes()} processes were started but only {world} joined: create the "
                                f"process state with shared.engine.process_state(), not PartialState()")
         self.faults = Faults(acc.process_index)
+        self.pending_metrics: list[dict] = []  # records a full disk kept out of metrics.jsonl (main process)
         if cfg.batch_size % (world * cfg.grad_accum):
             raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} process(es) x "
                             f"--grad-accum {cfg.grad_accum}; choose a multiple of {world * cfg.grad_accum}")
@@ -403,8 +404,29 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.is_main:
-            rd.append_metrics(self.output_dir, record)
-            self.tracking.log(record)  # after the source of truth is written
+            self.pending_metrics.append(record)
+            self.write_metrics()
+            self.tracking.log(record)  # after the source of truth is written (or held, on a full disk)
+
+    def write_metrics(self, stop_when_full: bool = False) -> None:
+        """Append the records not yet in metrics.jsonl. On a full disk (or quota) the file is left as it
+        was and the records stay in memory, with one warning: training goes on, the next log writes
+        them if space was freed, and the next checkpoint writes them first, so with the disk still
+        full it stops every process there, with one line (``stop_when_full``, as every checkpoint write)."""
+        if not self.pending_metrics:
+            return
+        full = self.faults.full_since("enospc-metrics", self.state.step)
+        try:
+            rd.append_metrics(self.output_dir, *self.pending_metrics, fail_after=10 if full else None)
+        except OSError as error:
+            if stop_when_full or not rd.is_disk_full(error):
+                raise
+            if len(self.pending_metrics) == 1:  # the first record held back: warn once per full spell
+                tqdm.write(f"warning: {os.strerror(error.errno).lower()} ({error.filename}): metrics are held in "
+                           f"memory from step {self.state.step} and written once there is space; the next "
+                           f"checkpoint stops the run if there is still none", file=sys.stderr)
+            return
+        self.pending_metrics.clear()
 
     def _start_tracking(self, resume: bool) -> None:
         """Trackers, once the resumed checkpoint is known. TensorBoard hides what the interrupted launch
@@ -438,6 +460,7 @@ class Trainer:
         writing = f"writing checkpoint {final}"
 
         def make_folder():
+            self.write_metrics(stop_when_full=True)  # the checkpoint records the length of metrics.jsonl
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -637,7 +660,15 @@ class Trainer:
             with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [],
                                        device_type=device.type if device.type != "cpu" else None):
                 torch.manual_seed(self.cfg.eval_seed * 1_000_003 + self.state.step)
-                media = self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
+                try:
+                    media = self.on_evaluate(self.ema.model, self.state.step, self.output_dir)
+                except OSError as error:
+                    if not rd.is_disk_full(error):
+                        raise
+                    # Samples are a view of the run, not its state: a full disk skips them, with one line.
+                    tqdm.write(f"warning: {os.strerror(error.errno).lower()} ({error.filename}): no samples written "
+                               f"at step {self.state.step}", file=sys.stderr)
+                    return
             self.tracking.log_media(media, self.state.step, only=only)
 
     # ------------------------------------------------------------------ training

@@ -323,9 +323,24 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def append_metrics(run_dir: Path, *records: dict[str, Any], fail_after: int | None = None) -> None:
+    """Append ``records`` to metrics.jsonl, all or none: if the write fails (a full disk), the file is
+    cut back to its old length, so it never ends in half a line. ``fail_after`` (tests) raises ENOSPC
+    once that many bytes are written, as a full disk would."""
+    path = Path(run_dir) / METRICS
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    with open(path, "ab") as f:
+        start = f.tell()
+        try:
+            if fail_after is not None:
+                f.write(text[:fail_after])
+                f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            f.write(text)
+            f.flush()
+        except BaseException:
+            f.truncate(start)  # cutting a file back needs no free space
+            raise
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -2,8 +2,12 @@
 checksums of its manifest) and the newest intact one is used instead, with one warning line; a full
 disk while a checkpoint or the weights are written stops the run (every process) with one line and
 loses nothing: the last good checkpoint and model.safetensors stay byte for byte, no temporary file is
-left, and --resume then finishes the run as if nothing had happened."""
+left, and --resume then finishes the run as if nothing had happened. metrics.jsonl on a full disk is
+held in memory until there is space or the next checkpoint; samples are skipped; any script's full
+disk is one line and exit 74."""
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -173,3 +177,88 @@ def test_a_lost_manifest_is_damage_and_with_nothing_intact_resume_refuses(tmp_pa
                                         r"step_3: ema.safetensors: \d+ bytes, \d+ when saved\)"):
         make_trainer(out, resume=True)
     assert snapshot(out) == kept  # a user error changes no file
+
+
+def records_of(out):
+    """(step, split or event) of every metrics.jsonl line; every line must be whole JSON."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r.get("split") or r.get("event")) for r in map(json.loads, lines)]
+
+
+def test_metrics_on_a_full_disk_are_held_then_the_checkpoint_stops_the_run(tmp_path, capsys):
+    """From step 4 on metrics.jsonl cannot grow: training goes on with the records in memory and one
+    warning; the checkpoint of step 6 must write them first, so it stops the run with one line and exit
+    74, metrics.jsonl as the step-3 checkpoint left it (no half line); the resume completes the run."""
+    ref_out = tmp_path / "ref"
+    make_trainer(ref_out, log_every=1).fit()
+    out = tmp_path / "run"
+    trainer = make_trainer(out, log_every=1)
+    trainer.faults = Faults(0, "enospc-metrics@4")
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit()
+    assert stop.value.code == STORAGE_EXIT_CODE
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: no space left on device")]
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "step 4" in warnings[0]
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "metrics.jsonl" in stopped[0] and "--resume" in stopped[0]
+    assert checkpoint_steps(out) == [3]
+    assert max(step for step, _ in records_of(out)) == 3  # whole lines only, up to the intact checkpoint
+    make_trainer(out, resume=True, log_every=1).fit()  # space was freed
+    assert records_of(out) == records_of(ref_out)
+
+
+def test_metrics_held_on_a_full_disk_are_written_once_space_is_freed(tmp_path, capsys):
+    ref_out = tmp_path / "ref"
+    make_trainer(ref_out, log_every=1).fit()
+    out = tmp_path / "run"
+    trainer = make_trainer(out, log_every=1)
+    trainer.faults = Faults(0, "enospc-metrics@4")
+    save = trainer.save_checkpoint
+
+    def free_space_then_save():
+        if trainer.state.step == 6:
+            assert trainer.pending_metrics  # held in memory, not lost
+            trainer.faults = Faults(0, "")
+        return save()
+
+    trainer.save_checkpoint = free_space_then_save
+    trainer.fit()
+    assert checkpoint_steps(out) == [3, 6]
+    assert records_of(out) == records_of(ref_out)
+    assert sum(line.startswith("warning: no space") for line in capsys.readouterr().err.splitlines()) == 1
+
+
+def test_a_full_disk_while_writing_samples_skips_them_with_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    trainer = make_trainer(out)
+    calls = []
+
+    def samples_on_a_full_disk(model, step, run_dir):
+        calls.append(step)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "samples" / f"step_{step}.png"))
+
+    trainer.on_evaluate = samples_on_a_full_disk
+    trainer.fit()
+    assert trainer.state.step == 6 and calls == [3, 6]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "no samples written" in line]
+    assert len(lines) == 2 and all(line.startswith("warning: no space left on device") for line in lines)
+
+
+def test_a_full_disk_anywhere_in_a_script_is_one_line_and_exit_74(capsys):
+    from shared.errors import DISK_FULL_EXIT_CODE, run_cli
+
+    def main():
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/runs/x/config.json")
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main)
+    assert stop.value.code == DISK_FULL_EXIT_CODE == 74
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: disk quota exceeded (/runs/x/config.json)")
+
+    def bug():
+        raise OSError(errno.EACCES, "permission denied", "/x")
+
+    with pytest.raises(PermissionError):  # other I/O errors are not hidden
+        run_cli(bug)
