@@ -359,3 +359,17 @@ def test_no_channels_last_is_recorded_and_turns_the_layout_off(world, tmp_path, 
                       "--no-channels-last", "--cache-dir", str(world["root"] / "cache")])
     assert json.loads((run / "config.json").read_text())["train"]["channels_last"] is False
     assert seen and seen[0] and not any(seen[0])
+
+
+def test_gpu_speed_check_runs_every_entry_and_writes_its_json(tmp_path, capsys):
+    """The prepared GPU check (benchmarks/gpu_speed.py), on the CPU at tiny shapes: every entry runs in
+    its own process and lands in the summary and in gpu_speed.json."""
+    result = _benchmark("gpu_speed").main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path)])
+    names = [r["name"] for r in result["results"]]
+    assert names == ["cifar10 bf16 b48", "cifar10 fp32 b48", "cifar10 bf16 b256", "biva-lstm bf16 b512", "profile"]
+    assert not [r for r in result["results"] if "error" in r]
+    assert result["results"][0]["train_images_per_s"] > 0 and result["results"][0]["eval_images_per_s"] > 0
+    assert json.loads((tmp_path / "gpu_speed.json").read_text()) == json.loads(json.dumps(result))
+    out = capsys.readouterr().out
+    assert "| bf16 / fp32 at batch 48 |" in out and "| biva-lstm bf16, batch 512 |" in out
+    assert (tmp_path / "profile.txt").read_text().count("aten::") > 3
