@@ -48,13 +48,37 @@ def load_text_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     return run, model, tokenizer
 
 
-def load_text_split(run, run_dir: str | Path, split: str, cache_dir: str | Path | None = None):
-    """The run's own data (saved data config and tokenizer; the token cache makes this cheap)."""
+def load_text_split(run, run_dir: str | Path, split: str, cache_dir: str | Path | None = None,
+                    moved: dict[str, list[str]] | None = None):
+    """The run's own data (saved data config and tokenizer; the token cache makes this cheap).
+
+    ``moved``: {"train_files": [...], ...}, the run's text files at other paths (another machine):
+    they replace the recorded paths, and the splits they give must have the sizes the run recorded.
+    Recorded files that are missing, with no replacement, are one error that names the flags."""
     from shared.config import from_dict
 
     data_cfg = from_dict(TextDataConfig, run.data, "config.json data")
+    for key, files in (moved or {}).items():
+        if not getattr(data_cfg, key):
+            raise UserError(f"--{key.replace('_', '-')} replaces files the run recorded, but it had none "
+                            f"({'the hub dataset ' + data_cfg.dataset if key == 'train_files' else 'its split was carved from the training text'})")
+        setattr(data_cfg, key, files)
+    for key in ("train_files", "valid_files", "test_files"):
+        missing = [f for f in getattr(data_cfg, key) if not Path(f).is_file()]
+        if missing:
+            raise UserError(f"the run's {key.split('_')[0]} text {missing[0]} is not on this machine; pass "
+                            f"--{key.replace('_', '-')} with its copy here")
     cache_dir = cache_dir or run.extra.get("cache_dir")
-    return prepare_text_data(data_cfg, run_dir, cache_dir=cache_dir).split(split)
+    splits = prepare_text_data(data_cfg, run_dir, cache_dir=cache_dir)
+    recorded = run.extra.get("data_stats", {}).get("splits")
+    if moved and recorded:
+        for name, counts in recorded.items():
+            now = splits.stats["splits"].get(name, {})
+            if any(now.get(k) != counts.get(k) for k in ("sentences", "kept", "tokens")):
+                raise UserError(f"the files given hold other text than the run's: its {name} split had "
+                                f"{counts.get('kept')} sentences of {counts.get('tokens')} tokens, these give "
+                                f"{now.get('kept')} of {now.get('tokens')}")
+    return splits.split(split)
 
 
 def _to(batch: dict, device) -> dict:

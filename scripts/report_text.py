@@ -46,6 +46,10 @@ def parse_args(argv=None):
                    help="seed of the evaluation noise and of the --max-sentences draw (default 0)")
     p.add_argument("--json", type=Path, help="also write the report JSON here")
     p.add_argument("--cache-dir", type=Path, help="token store cache (default: the run's, or ~/.cache/biva/text)")
+    for name in ("train", "valid", "test"):
+        p.add_argument(f"--{name}-files", nargs="+", type=Path, metavar="FILE",
+                       help=f"the run's {name} text where it is on this machine, instead of the paths config.json "
+                            f"records (the same text: its split sizes must match the run's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = p.parse_args(argv)
     args.run = resolve_run(args.run)
@@ -65,7 +69,9 @@ def main(argv=None) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run, model, _ = load_text_run(args.run, device)
-    split = load_text_split(run, args.run, args.split, args.cache_dir)
+    moved = {f"{name}_files": [str(f) for f in getattr(args, f"{name}_files")]
+             for name in ("train", "valid", "test") if getattr(args, f"{name}_files")}
+    split = load_text_split(run, args.run, args.split, args.cache_dir, moved)
     if len(split) == 0:
         raise UserError(f"the {args.split} split of {args.run} is empty; choose another --split")
     report = {"run": str(args.run), "model": model.cfg.model, "preset": run.preset, "split": args.split,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import random
 import subprocess
 import sys
@@ -269,3 +270,35 @@ def test_kl_warmup_hook_follows_the_optimiser_steps():
                               state=SimpleNamespace(step=2))
     attach(resumed, 4)
     assert float(model.kl_weight) == 0.5
+
+
+def test_report_on_another_machine_takes_the_runs_text_from_new_paths(biva_run, corpus, tmp_path, capsys):
+    """A run copied where its recorded text files are not: report_text names the flag to pass; with
+    --train/--valid/--test-files pointing at copies it reports the same figures; other text is refused."""
+    moved = tmp_path / "copied-run"
+    shutil.copytree(biva_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    for key in ("train_files", "valid_files", "test_files"):
+        config["data"][key] = [str(tmp_path / "elsewhere" / Path(f).name) for f in config["data"][key]]
+    config["extra"]["cache_dir"] = str(tmp_path / "cache")  # nothing cached on the new machine
+    (moved / "config.json").write_text(json.dumps(config))
+    common = ["--run", str(moved), "--iw-samples", "5", "--mi-batches", "1"]
+    code, _, err = run_script("report_text", common, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--train-files" in err and "not on this machine" in err
+    here = tmp_path / "here"
+    here.mkdir()
+    for name in ("train", "valid", "test"):
+        shutil.copy(getattr(corpus, name), here / f"{name}.txt")
+    files = ["--train-files", str(here / "train.txt"), "--valid-files", str(here / "valid.txt"),
+             "--test-files", str(here / "test.txt")]
+    code, _, err = run_script("report_text", [*common, *files], capsys)
+    assert code == 0, err
+    code, _, err = run_script("report_text", ["--run", str(biva_run), "--iw-samples", "5", "--mi-batches", "1",
+                                              "--json", str(tmp_path / "original.json")], capsys)
+    assert code == 0, err
+    a, b = json.loads((moved / "report-test.json").read_text()), json.loads((tmp_path / "original.json").read_text())
+    for key in ("nll", "nll_elbo", "kl", "ppl", "num_sentences", "num_tokens"):
+        assert a[key] == b[key], key
+    (here / "test.txt").write_text("\n".join(corpus.test.read_text().splitlines()[:-3]) + "\n")  # other text
+    code, _, err = run_script("report_text", [*common, *files], capsys)
+    assert code == 2 and "other text than the run's" in err
