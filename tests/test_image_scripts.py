@@ -373,3 +373,42 @@ def test_gpu_speed_check_runs_every_entry_and_writes_its_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| bf16 / fp32 at batch 48 |" in out and "| biva-lstm bf16, batch 512 |" in out
     assert (tmp_path / "profile.txt").read_text().count("aten::") > 3
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file, the format of the MNIST / Fashion-MNIST releases."""
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_semi_supervised_benchmark_reads_fashion_mnist_idx_files_into_a_class_folder(tmp_path):
+    bench = _benchmark("semi_supervised")
+    source = tmp_path / "idx"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    data = {}
+    for stem, n in (("train", 30), ("t10k", 20)):
+        images, labels = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), np.arange(n) % 10
+        _idx(source / f"{stem}-images-idx3-ubyte.gz", images)
+        _idx(source / f"{stem}-labels-idx1-ubyte.gz", labels)
+        data[stem] = (images, labels)
+    assert np.array_equal(bench.read_idx(source / "t10k-images-idx3-ubyte.gz"), data["t10k"][0])
+    folder = bench.write_fashion_folder(tmp_path / "fashion", source)
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        classes = sorted(p.name for p in (folder / split).iterdir())
+        assert classes == [f"{c}-{name}" for c, name in enumerate(bench.FASHION_CLASSES)]
+        images, labels = data[stem]
+        for i in (0, 7):
+            png = folder / split / f"{labels[i]}-{bench.FASHION_CLASSES[labels[i]]}" / f"{i:05d}.png"
+            assert np.array_equal(np.asarray(Image.open(png)), images[i])
+        assert sum(1 for _ in (folder / split).rglob("*.png")) == len(labels)
+    import gzip
+
+    with gzip.open(source / "bad.gz", "wb") as f:
+        f.write(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")  # float IDX: refused
+    with pytest.raises(SystemExit, match="not an IDX file of unsigned bytes"):
+        bench.read_idx(source / "bad.gz")
