@@ -100,16 +100,14 @@ def main(argv=None) -> dict:
     from biva_image.model import ImageVAE
     from biva_image.presets import get_preset
     from shared.bounds import auto_iw_chunk, iw_bound
+    from shared.cli import pick_device
     from shared.distributions import TrainNoise
     from shared.engine import EMA
     from shared.nn import set_channels_last
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    device = torch.device(pick_device(args.device))
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -26,8 +26,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS  # noqa: E402
 from biva_text.names import TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
+from shared.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -114,9 +114,7 @@ def main(argv=None) -> None:
     from shared.distributions import TrainNoise
     from shared.engine import EMA
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; pass --device cpu")
+    device = torch.device(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

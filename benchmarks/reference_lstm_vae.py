@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.text_throughput import Timer, peak_memory_mb, random_batch  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
+from shared.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -84,9 +84,7 @@ def main(argv=None) -> dict:
 
     from biva_text.tokenizer import BOS_ID, PAD_ID
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; pass --device cpu")
+    device = torch.device(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_text.names import TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
+from shared.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -208,9 +208,7 @@ def main(argv=None) -> dict:
     from biva_text.model import build_text_model, num_params
     from biva_text.presets import get_preset
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; pass --device cpu")
+    device = torch.device(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mixed_precision == "bf16":

@@ -24,16 +24,6 @@ def check_image_run(run_dir: str | Path) -> RunConfig:
     return run
 
 
-def pick_device(name: str = "auto") -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return name
-
-
 def load_image_model(run_dir: str | Path, run: RunConfig, device: str = "cpu"):
     """The run's ImageVAE with its EMA weights, in eval mode on ``device``."""
     from shared.run_dir import load_weights

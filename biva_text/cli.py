@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import nonneg_float, nonneg_int, open_fraction, positive_float, positive_int
+from shared.cli import nonneg_float, nonneg_int, open_fraction, pick_device, positive_float, positive_int
 
 from .names import TOKENIZERS
 
@@ -104,12 +104,10 @@ def decoding_method(args: argparse.Namespace) -> str:
 
 def open_for_decoding(args: argparse.Namespace):
     """(model, tokenizer, DecodeOptions) for a text sampler's parsed flags; imports torch."""
-    import torch
-
     from .decode import DecodeOptions
     from .report import load_text_run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     _, model, tokenizer = load_text_run(args.run, device)
     opts = DecodeOptions(method=decoding_method(args), temperature=args.temperature, top_p=args.top_p,
                          beam=args.beam or 1, seed=args.seed, length_penalty=args.length_penalty,

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biva_text.cli import read_input  # noqa: E402
-from shared.cli import ArgumentParser, positive_int  # noqa: E402
+from shared.cli import ArgumentParser, pick_device, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 from shared.run_dir import resolve_run  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     from biva_text.decode import encode_for_script, posterior_stats
     from biva_text.report import load_text_run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     _, model, tokenizer = load_text_run(args.run, device)
     if model.num_groups == 0:
         raise UserError("an LSTM language model (lstm-lm) has no latent variables to encode to; "

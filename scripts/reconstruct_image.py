@@ -62,12 +62,14 @@ def main(argv=None) -> Path:
 
     import torch
 
-    from biva_image.runs import check_shape, load_image_model, load_split, pick_device, run_data_config
+    from biva_image.runs import check_shape, load_image_model, load_split, run_data_config
     from biva_image.viz import save_grid
     from shared.distributions import HashedNoise
 
     data = load_split(run_data_config(run, args.data_dir), args.split)
     check_shape(data, run.model["image_shape"], "data")
+    from shared.cli import pick_device
+
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)
     n = min(args.num, len(data.images))

@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     from biva_image.data import ImageDataset
     from biva_image.plots import plot_anomaly, plot_confusion, plot_kl_per_group
     from biva_image.report import check_class_labels, classification_report, format_report, image_report, report_path
-    from biva_image.runs import check_shape, load_image_model, load_split, pick_device, run_data_config
+    from biva_image.runs import check_shape, load_image_model, load_split, run_data_config
     from shared.config import write_json_atomic
     from shared.evaluate import subset_info
     from shared.run_dir import run_step
@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     num_classes = run.model["ladder"].get("num_classes", 0)
     if num_classes:
         check_class_labels(data.labels, num_classes, data.name)
+    from shared.cli import pick_device
+
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 from shared.run_dir import output_dir, resolve_run  # noqa: E402
 
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     from biva_text.data import TextDataset
     from shared.config import write_json_atomic
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     run, model, _ = load_text_run(args.run, device)
     moved = {f"{name}_files": [str(f) for f in getattr(args, f"{name}_files")]
              for name in ("train", "valid", "test") if getattr(args, f"{name}_files")}

@@ -82,9 +82,11 @@ def main(argv=None) -> Path:
     _check_class(args.class_, num_classes, args.run)
     import torch
 
-    from biva_image.runs import load_image_model, pick_device
+    from biva_image.runs import load_image_model
     from biva_image.viz import save_grid
     from shared.distributions import HashedNoise
+
+    from shared.cli import pick_device
 
     device = pick_device(args.device)
     model = load_image_model(args.run, run, device)

@@ -200,3 +200,15 @@ def default_output_dir(preset: str) -> Path:
     import time
 
     return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def pick_device(name: str | None = "auto") -> str:
+    """A --device value as a torch device name: "auto" (or None) is cuda when a GPU is visible, else cpu;
+    cuda asked for where none is visible is one error line. Imports torch."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA device is visible; use --device cpu")
+    return name

@@ -302,3 +302,19 @@ def test_report_on_another_machine_takes_the_runs_text_from_new_paths(biva_run, 
     (here / "test.txt").write_text("\n".join(corpus.test.read_text().splitlines()[:-3]) + "\n")  # other text
     code, _, err = run_script("report_text", [*common, *files], capsys)
     assert code == 2 and "other text than the run's" in err
+
+
+def test_device_cuda_without_a_gpu_is_one_line_for_every_run_script(biva_run, monkeypatch, capsys):
+    """One --device resolver (shared.cli.pick_device) for every script: auto picks what is there, and
+    cuda asked for where no GPU is visible is one error line, exit 2, not a torch traceback."""
+    from shared.cli import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == pick_device(None) == "cpu" and pick_device("cpu") == "cpu"
+    for argv in (["--run", str(biva_run)], ["--run", str(biva_run), "--num", "2"]):
+        name = "report_text" if len(argv) == 2 else "sample_text"
+        code, _, err = run_script(name, [*argv, "--device", "cuda"], capsys)
+        assert code == 2 and err.strip().splitlines() == [
+            "error: --device cuda was asked for but no CUDA device is visible; use --device cpu"], (name, err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda" and pick_device("cuda:1") == "cuda:1"
