@@ -16,6 +16,7 @@ The data are the run's own (saved data config and tokenizer; the token cache mak
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from biva_text.report import (load_text_run, load_text_split, plot_kl_per_group, run_step, table_row,
+    from biva_text.report import (MI_BATCH, load_text_run, load_text_split, plot_kl_per_group, run_step, table_row,
                                   text_report)
     from biva_text.data import TextDataset
     from shared.config import write_json_atomic
@@ -99,7 +100,8 @@ def main(argv=None) -> dict:
         au = report["active_units"]
         print(f"L_{report['iw_samples']}: nll <= {report['nll_iw']:.3f} nats per sentence, ppl <= {report['ppl']:.2f}; "
               f"active units {au['total']} ({', '.join(map(str, au['per_group']))}); "
-              f"mutual information {report['mutual_info']:.3f} nats")
+              f"mutual information {report['mutual_info']:.3f} nats (a minibatch estimate: at most "
+              f"log {MI_BATCH} = {math.log(MI_BATCH):.2f} nats)")
         u = report["unigram_overlap"]
         print(f"latents in use: reconstruction gain log p(x|z~q) - log p(x|z~p) = {report['reconstruction_gain']:.2f} "
               f"nats; greedy reconstructions share {u['own']:.1%} of their words with their input, "
