@@ -1,5 +1,6 @@
 """--compile changes no number: the torch.compile'd (inductor) training step gives the eager loss and
-gradients for a BIVA and an LVAE image step and a biva-lstm text step (tiny models).
+gradients for a BIVA and an LVAE image step and a biva-lstm text step (tiny models), and the compiled
+forward pass gives the eager importance-weighted bound L_K (report_image.py --compile).
 
 Tolerance: rtol 1e-4, atol 1e-5 on the loss and on every gradient (inductor fuses and reorders fp32
 arithmetic; measured differences are below 1e-6). The random draws (latent noise, dropout) are made
@@ -59,3 +60,20 @@ def test_compiled_text_step_equals_eager():
     torch.manual_seed(0)
     model = build_text_model(get_preset("tiny", "biva-lstm", vocab_size=V, max_tokens=MAX_TOKENS).model)
     assert_compiled_step_equals_eager(model, make_batch([4, 13, 2, 7, 9]))
+
+
+def test_compiled_importance_weighted_bound_equals_eager():
+    """report_image.py --compile: L_K through the inductor-compiled forward equals eager L_K (one chunk
+    shape, so one compilation; the evaluation noise is hashed, no RNG to align)."""
+    from shared.bounds import iw_bound
+
+    torch.manual_seed(0)
+    model = ImageVAE(tiny_image_config("biva", levels=2)).eval()
+    batch = {"index": torch.arange(3), "x": torch.as_tensor(stripes(3))}
+    eager = iw_bound(model, batch, 8, seed=1, chunk_size=4)  # two chunks of 4 samples: the same shape
+    try:
+        compiled = iw_bound(torch.compile(model, backend="inductor"), batch, 8, seed=1, chunk_size=4)
+    finally:
+        torch._dynamo.reset()
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -191,6 +191,36 @@ def test_report_numbers_do_not_depend_on_the_batch_size(world, tmp_path):
     assert a["subset"]["seed"] == 0 and a["subset"]["stratified"] is False
 
 
+def test_compiled_report_equals_eager(world, capsys, monkeypatch):
+    """--compile runs the bounds' forward passes through torch.compile: the same figures, recorded in the
+    report, with the time it took. Dynamo traces the passes here, AOT autograd's eager backend runs
+    them (inductor's code generation takes minutes on two cores; test_compile.py checks its numbers)."""
+    import functools
+
+    import torch
+
+    kw = ["--run", str(world["run"]), "--iw-samples", "4", "--iw-chunk", "2", "--max-examples", "6",
+          "--batch-size", "3", "--split", "valid", "--device", "cpu"]
+    eager = report_image.main(kw)
+    calls, compile_ = [], functools.partial(torch.compile, backend="aot_eager")
+
+    def traced(model, **options):
+        calls.append(model)
+        return compile_(model, **options)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    try:
+        compiled = report_image.main(kw + ["--compile"])
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 1 and eager["compiled"] is False and compiled["compiled"] is True
+    for key in ("nats_elbo", "nats_iw", "kl"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-5), key
+    assert [g["kl"] for g in compiled["kl_per_group"]] == pytest.approx([g["kl"] for g in eager["kl_per_group"]],
+                                                                       rel=1e-5, abs=1e-5)
+    assert "--compile: the evaluation took" in capsys.readouterr().err
+
+
 def test_compare_image_table_and_plot(world, report, tmp_path):
     other = tmp_path / "lvae-copy"
     shutil.copytree(world["run"], other)
