@@ -442,3 +442,11 @@ def test_semi_supervised_benchmark_reads_fashion_mnist_idx_files_into_a_class_fo
         f.write(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00")  # float IDX: refused
     with pytest.raises(SystemExit, match="not an IDX file of unsigned bytes"):
         bench.read_idx(source / "bad.gz")
+
+
+def test_semi_supervised_benchmark_pairs_the_draws():
+    """The paired view: per draw BIVA minus the classifier alone, and the draws where BIVA is lower."""
+    paired = _benchmark("semi_supervised").paired_difference([0.3108, 0.3231, 0.3009], [0.3349, 0.3109, 0.3144])
+    assert paired["per_draw"] == pytest.approx([-0.0241, 0.0122, -0.0135])
+    assert paired["mean"] == pytest.approx(-0.00847, abs=1e-5) and paired["biva_lower"] == 2
+    assert paired["std"] == pytest.approx(np.std([-0.0241, 0.0122, -0.0135], ddof=1))
