@@ -244,9 +244,9 @@ class LSTMDecoder(nn.Module):
             h, c = self.init_state(cond.float().mean(1)).chunk(2, dim=-1)  # (B, H) each
         return torch.tanh(h)[None].contiguous(), c[None].contiguous()
 
-    def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
+    def teacher_forced(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
                        cond: torch.Tensor | None) -> torch.Tensor:
-        """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
+        """The LSTM's outputs (B, n, H) reading the true previous tokens, n = the longest length."""
         n = int(lengths.max())  # the LSTM is causal: positions past the longest sentence never count
         prev = torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, : n - 1]], dim=1)
         if self.training and self.word_dropout > 0:  # weakens the decoder so that it reads z
@@ -255,7 +255,18 @@ class LSTMDecoder(nn.Module):
         x = io.embed(prev)  # (B, n, E)
         if cond is not None:
             x = torch.cat([x, self.read_cond(cond[:, :n]).to(x.dtype)], dim=2)
-        h, _ = run_lstm(self.lstm, x, self.initial_state(cond))  # (B, n, H)
+        return run_lstm(self.lstm, x, self.initial_state(cond))[0]
+
+    def next_token_argmax(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
+                          cond: torch.Tensor | None) -> torch.Tensor:
+        """Under teacher forcing, the most likely token at each of the n positions (B, n)."""
+        return io.logits(self.proj(self.teacher_forced(io, tokens, lengths, cond))).argmax(-1)
+
+    def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
+                       cond: torch.Tensor | None) -> torch.Tensor:
+        """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
+        n = int(lengths.max())
+        h = self.teacher_forced(io, tokens, lengths, cond)  # (B, n, H)
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
         # Logits only at the N scored positions (gathered before the 20k-wide output layer).

@@ -174,6 +174,45 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
                                 "sentences": n, "others_per_sentence": others}}
 
 
+FREQUENT = 50  # teacher_forced_accuracy's "rare" tokens: outside the split's 50 most frequent
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 64, max_examples: int | None = None,
+                            frequent: int = FREQUENT, device=None, progress: bool = True) -> dict | None:
+    """What the decoder gets from z, position by position: under teacher forcing (the true previous
+    words), the share of words (EOS excluded) that are the decoder's most likely next token, with z
+    from the posterior (one sample, seeded) and from the prior; ``rare``: only words outside the
+    split's ``frequent`` most frequent tokens (content words rather than punctuation and function
+    words). None for a model without an LSTM decoder; for the LSTM LM both rows are its own."""
+    if not model.autoregressive:
+        return None
+    device = device or next(model.parameters()).device
+    chosen = subset_indices(len(dataset), max_examples, seed, None)
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False)
+    counts = torch.zeros(model.cfg.vocab_size, dtype=torch.long)
+    for batch in loader:
+        tokens, lengths = model.padded_tokens(batch), batch["length"].long()
+        words = torch.arange(tokens.shape[1])[None, :] < (lengths[:, None] - 1)
+        counts += torch.bincount(tokens[words], minlength=model.cfg.vocab_size)
+    common = counts.topk(min(frequent, int((counts > 0).sum()))).indices.to(device)
+    hits = {k: torch.zeros(4, dtype=torch.long) for k in ("posterior", "prior")}  # all, of all, rare, of rare
+    for batch in tqdm(loader, desc="teacher-forced accuracy", leave=False, disable=not progress):
+        batch = _to(batch, device)
+        tokens, lengths = model.padded_tokens(batch), batch["length"].long()
+        n = int(lengths.max())
+        words = torch.arange(n, device=device)[None, :] < (lengths[:, None] - 1)
+        rare = words & ~torch.isin(tokens[:, :n], common)
+        for name in hits:
+            noise = HashedNoise(seed if name == "posterior" else seed + 1, batch["index"])
+            cond = (model.condition_posterior(batch, noise) if name == "posterior"
+                    else model.condition_prior(tokens.shape[0], noise))
+            right = model.decoder.next_token_argmax(model.io, tokens, lengths, cond) == tokens[:, :n]
+            hits[name] += torch.stack([(right & words).sum(), words.sum(), (right & rare).sum(), rare.sum()]).cpu()
+    return {name: {"all": int(h[0]) / max(int(h[1]), 1), "rare": int(h[2]) / max(int(h[3]), 1),
+                   "words": int(h[1]), "rare_words": int(h[3])} for name, h in hits.items()} | {"frequent": frequent}
+
+
 def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,
                 max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int | None = None,
                 device=None) -> dict:
@@ -203,6 +242,8 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         "mutual_info": None,
         "reconstruction_gain": None,
         "unigram_overlap": None,
+        "teacher_forced_accuracy": teacher_forced_accuracy(model, dataset, seed=seed, batch_size=batch_size,
+                                                           max_examples=max_examples, device=device),
         "num_sentences": N,
         "num_tokens": int(tokens),
         "likelihood_exact": not has_latents,

@@ -106,6 +106,11 @@ def main(argv=None) -> dict:
         print(f"latents in use: reconstruction gain log p(x|z~q) - log p(x|z~p) = {report['reconstruction_gain']:.2f} "
               f"nats; greedy reconstructions share {u['own']:.1%} of their words with their input, "
               f"{u['other']:.1%} with other sentences" + (f" ({u['ratio']:.2f}x)" if u["ratio"] else ""))
+    t = report["teacher_forced_accuracy"]
+    if t is not None:
+        print(f"teacher-forced next-word accuracy, all words / outside the {t['frequent']} most frequent: "
+              f"z ~ q {t['posterior']['all']:.1%} / {t['posterior']['rare']:.1%}, "
+              f"z ~ p {t['prior']['all']:.1%} / {t['prior']['rare']:.1%}")
     print(f"wrote {out / f'report-{args.split}.json'}" + (f" and {args.json}" if args.json else ""))
     return report
 

@@ -69,3 +69,41 @@ def test_overlap_counts_the_reconstruction_against_its_own_input():
     u = stats["unigram_overlap"]
     assert u["own"] == 1.0 and u["other"] < 0.9 and u["ratio"] > 1.1
     assert EOS_ID not in sum((row[:n - 1] for row, n in zip(batch["tokens"].tolist(), batch["length"].tolist())), [])
+
+
+def test_teacher_forced_argmax_is_the_step_by_step_decoders():
+    """next_token_argmax (one teacher-forced pass) equals feeding the true words one step at a time."""
+    torch.manual_seed(0)
+    model = make_model("biva-lstm")
+    batch = make_batch([3, 5, 9, 2], seed=4)
+    tokens, lengths = model.padded_tokens(batch), batch["length"].long()
+    from shared.distributions import HashedNoise
+
+    with torch.no_grad():
+        cond = model.condition_posterior(batch, HashedNoise(0, batch["index"]))
+        fast = model.decoder.next_token_argmax(model.io, tokens, lengths, cond)
+        state, prev, slow = model.decoder.initial_state(cond), torch.full((4,), 2), []  # 2: BOS
+        for t in range(int(lengths.max())):
+            logits, state = model.decoder.step(model.io, prev, state, cond[:, t])
+            slow.append(logits.argmax(-1))
+            prev = tokens[:, t]
+    assert torch.equal(fast, torch.stack(slow, dim=1))
+
+
+def test_teacher_forced_accuracy_counts_words_and_rare_words():
+    from biva_text.report import teacher_forced_accuracy
+
+    data = Sentences(make_batch([3, 5, 9, 2, 7, 4, 6, 8], seed=1))
+    words = sum(n - 1 for n in [3, 5, 9, 2, 7, 4, 6, 8])  # EOS excluded
+    lm = teacher_forced_accuracy(make_model("lstm-lm"), data, progress=False, frequent=3)
+    assert lm["posterior"] == lm["prior"] and lm["posterior"]["words"] == words and lm["frequent"] == 3
+    assert 0 < lm["posterior"]["rare_words"] < words and 0.0 <= lm["posterior"]["rare"] <= 1.0
+    assert teacher_forced_accuracy(make_model("biva"), data, progress=False) is None  # no LSTM decoder
+
+    model = make_model("biva-lstm")
+    got = teacher_forced_accuracy(model, data, progress=False, frequent=3)
+    perfect = lambda io, tokens, lengths, cond: tokens[:, : int(lengths.max())]  # noqa: E731
+    model.decoder.next_token_argmax = perfect
+    assert got["posterior"]["all"] < 1.0
+    right = teacher_forced_accuracy(model, data, progress=False, frequent=3)
+    assert right["posterior"]["all"] == 1.0 and right["prior"]["rare"] == 1.0
