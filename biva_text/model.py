@@ -265,8 +265,8 @@ class LSTMDecoder(nn.Module):
     def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
                        cond: torch.Tensor | None) -> torch.Tensor:
         """log p(tokens) per sentence (B,), teacher forcing; ``cond`` (B, >=n, C) or None."""
-        n = int(lengths.max())
         h = self.teacher_forced(io, tokens, lengths, cond)  # (B, n, H)
+        n = h.shape[1]  # not lengths.max() again: one host read per pass
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
         # Logits only at the N scored positions (gathered before the 20k-wide output layer).

@@ -196,7 +196,9 @@ def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 
         words = torch.arange(tokens.shape[1])[None, :] < (lengths[:, None] - 1)
         counts += torch.bincount(tokens[words], minlength=model.cfg.vocab_size)
     common = counts.topk(min(frequent, int((counts > 0).sum()))).indices.to(device)
-    hits = {k: torch.zeros(4, dtype=torch.long) for k in ("posterior", "prior")}  # all, of all, rare, of rare
+    # all, of all, rare, of rare; a model without latents reads no z: one pass gives both rows
+    names = ("posterior", "prior") if model.num_groups else ("posterior",)
+    hits = {k: torch.zeros(4, dtype=torch.long) for k in names}
     for batch in tqdm(loader, desc="teacher-forced accuracy", leave=False, disable=not progress):
         batch = _to(batch, device)
         tokens, lengths = model.padded_tokens(batch), batch["length"].long()
@@ -209,8 +211,9 @@ def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 
                     else model.condition_prior(tokens.shape[0], noise))
             right = model.decoder.next_token_argmax(model.io, tokens, lengths, cond) == tokens[:, :n]
             hits[name] += torch.stack([(right & words).sum(), words.sum(), (right & rare).sum(), rare.sum()]).cpu()
-    return {name: {"all": int(h[0]) / max(int(h[1]), 1), "rare": int(h[2]) / max(int(h[3]), 1),
-                   "words": int(h[1]), "rare_words": int(h[3])} for name, h in hits.items()} | {"frequent": frequent}
+    rows = {name: {"all": int(h[0]) / max(int(h[1]), 1), "rare": int(h[2]) / max(int(h[3]), 1),
+                   "words": int(h[1]), "rare_words": int(h[3])} for name, h in hits.items()}
+    return {"posterior": rows["posterior"], "prior": rows.get("prior", rows["posterior"]), "frequent": frequent}
 
 
 def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from biva_text.report import reconstruction_stats, unigram_overlap
-from biva_text.tokenizer import EOS_ID
+from biva_text.tokenizer import BOS_ID, EOS_ID
 from test_text_model import make_batch, make_model
 
 
@@ -82,7 +82,7 @@ def test_teacher_forced_argmax_is_the_step_by_step_decoders():
     with torch.no_grad():
         cond = model.condition_posterior(batch, HashedNoise(0, batch["index"]))
         fast = model.decoder.next_token_argmax(model.io, tokens, lengths, cond)
-        state, prev, slow = model.decoder.initial_state(cond), torch.full((4,), 2), []  # 2: BOS
+        state, prev, slow = model.decoder.initial_state(cond), torch.full((4,), BOS_ID), []
         for t in range(int(lengths.max())):
             logits, state = model.decoder.step(model.io, prev, state, cond[:, t])
             slow.append(logits.argmax(-1))
