@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     from biva_image.presets import get_preset, with_labels
     from biva_image.viz import save_grid
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer, labelled_batch_size, process_state
+    from shared.engine import Trainer, default_resume_command, labelled_batch_size, process_state
     from shared.nn import set_channels_last
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
     from shared.train import open_run, start_weights
@@ -204,7 +204,8 @@ def main(argv=None) -> None:
         labelled_set, train_set = semi_supervised_sets(splits, labelled)
     trainer = Trainer(run, lambda: set_channels_last(ImageVAE(model_cfg), run.train.channels_last), train_set, ImageDataset(splits.valid, splits.valid_labels), out,
                       resume=args.resume, on_evaluate=on_evaluate, labelled_set=labelled_set,
-                      init_weights=start_weights(run, out, args.resume))
+                      init_weights=start_weights(run, out, args.resume),
+                      resume_command=default_resume_command(__file__, argv))
     if state.is_main_process:
         n_params = sum(p.numel() for p in trainer.raw_model.parameters())
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "

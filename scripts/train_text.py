@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     from biva_text.presets import get_preset
     from shared.cli import default_output_dir, training_overrides
     from shared.config import RunConfig, from_dict, replace, to_dict
-    from shared.engine import Trainer, launched_rank, process_state
+    from shared.engine import Trainer, default_resume_command, launched_rank, process_state
     from shared.run_dir import check_output_dir, read_run_config, write_run_config
     from shared.train import check_same_model, open_run, start_weights
 
@@ -241,7 +241,8 @@ def main(argv=None) -> None:
         return {"samples": sentences}  # for the trackers (--report-to)
 
     trainer = Trainer(run, lambda: build_text_model(model_cfg), TextDataset(splits.train), TextDataset(splits.valid),
-                      out, resume=args.resume, on_evaluate=on_evaluate, init_weights=start_weights(run, out, args.resume))
+                      out, resume=args.resume, on_evaluate=on_evaluate, init_weights=start_weights(run, out, args.resume),
+                      resume_command=default_resume_command(__file__, argv))
     if model_cfg.kl_schedule == "warmup":
         attach_kl_warmup(trainer, model_cfg.kl_warmup_steps)
     if state.is_main_process:

@@ -81,9 +81,11 @@ def process_state():
     return PartialState(cpu=use_cpu())
 
 
-def default_resume_command() -> str:
-    """The command that continues this run: the same launcher and flags, plus --resume."""
-    args = list(sys.argv)
+def default_resume_command(script: str | None = None, argv: list[str] | None = None) -> str:
+    """The command that continues this run: the same launcher and flags, plus --resume. A script's
+    ``main(argv)`` called from Python (a benchmark) passes its own file and ``argv``: the command is then
+    that script's, not the caller's."""
+    args = list(sys.argv) if argv is None else [os.path.relpath(script), *map(str, argv)]
     if "--resume" not in args:
         args.append("--resume")
     world = launched_processes()

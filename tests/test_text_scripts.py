@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import random
 import subprocess
@@ -318,3 +319,23 @@ def test_device_cuda_without_a_gpu_is_one_line_for_every_run_script(biva_run, mo
             "error: --device cuda was asked for but no CUDA device is visible; use --device cpu"], (name, err)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("auto") == "cuda" and pick_device("cuda:1") == "cuda:1"
+
+
+def test_a_run_started_from_python_prints_its_own_resume_command(corpus, monkeypatch, capsys):
+    """A benchmark calls train_text.main(argv) in-process; a SIGTERM must name train_text.py and those
+    flags (not the benchmark's command line), and that command must finish the run."""
+    out = corpus.root / "stopped"
+    argv = ["--preset", "tiny", "--train-files", str(corpus.train), "--valid-files", str(corpus.valid),
+            "--test-files", str(corpus.test), "--max-tokens", "12", "--output-dir", str(out), "--cache-dir",
+            str(corpus.cache), "--max-steps", "6", "--eval-every", "6"]
+    monkeypatch.setenv("BIVA_FAULTS", "sigterm@3")
+    code, _, err = run_script("train_text", argv, capsys)
+    assert code == 143, err
+    said = [line for line in err.splitlines() if "resume with: " in line]
+    command = shlex.split(said[0].split("resume with: ", 1)[1])
+    assert command[0] == "python" and Path(command[1]).resolve() == Path(__file__).resolve().parents[1] / "scripts" / "train_text.py"
+    assert command[2:] == argv + ["--resume"]
+    monkeypatch.delenv("BIVA_FAULTS")
+    code, _, err = run_script("train_text", command[2:], capsys)
+    assert code == 0, err
+    assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 6
