@@ -76,6 +76,10 @@ class TextModelConfig:
     decoder_input: str = "concat"  # the LSTM reads [embedding, cond_t] (concat), gain * cond_t (scaled) or gain * layernorm(cond_t) (normalised)
     decoder_init: str = "zeros"  # the LSTM's initial (h, c): zeros, or a linear map of the conditioning averaged over time (latents)
     decoder_gain: float = 4.0  # initial value of the learned gain (scaled, normalised)
+    # biva-lstm, training only (ours, after Zhao et al. 2017): the gradient of bow_weight * log p_bow(x | d_0),
+    # a bag-of-words softmax over the sentence's tokens read from d_0 averaged over the sentence (position-
+    # free, so the words must be in the latents, not in where they sit); reported bounds never include it.
+    bow_weight: float = 0.0
     ladder: LadderConfig | None = field(default_factory=LadderConfig)  # None for the baselines
     hybrid: HybridConfig | None = None  # the Hybrid VAE's convolutions; None for the other models
 
@@ -109,6 +113,9 @@ class TextModelConfig:
             if h is None or not h.conv_channels or h.kernel % 2 == 0 or h.aux_weight < 0:
                 raise UserError(f"model {self.model} needs a hybrid config with conv channels, an odd kernel and "
                                 f"aux_weight >= 0, got {h}")
+        if self.bow_weight < 0 or (self.bow_weight and self.model != "biva-lstm"):
+            raise UserError(f"bow_weight is biva-lstm's bag-of-words term and must be >= 0; got {self.bow_weight} "
+                            f"for {self.model}")
         if self.vocab_size < 5:
             raise UserError(f"vocab_size must be at least 5 (4 specials and a word), got {self.vocab_size}")
         if self.is_ladder:
@@ -376,6 +383,8 @@ class TextLadderModel(TextModelMixin, LadderModel):
         C = cfg.ladder.output_channels
         if self.autoregressive:
             self.decoder = self.make_decoder(C)
+            if cfg.bow_weight:  # only then: runs without the term load unchanged
+                self.bow = nn.Linear(C, cfg.embedding_dim)
         else:
             self.head = WNConv(1, C, cfg.embedding_dim, kernel=1)  # d_0 → tied output layer, per position
 
@@ -388,9 +397,24 @@ class TextLadderModel(TextModelMixin, LadderModel):
         """Non-autoregressive logits (B, T, V) from d_0 (B, C, T)."""
         return self.io.logits(self.head(d0).transpose(1, 2))
 
+    def bag_of_words_log_prob(self, d0: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """log p_bow(x | d_0) per sentence (B,): every token t < length (EOS included) scored by one softmax
+        read from d_0 (B, C, T) averaged over the sentence's positions."""
+        n = tokens.shape[1]
+        mask = (torch.arange(n, device=tokens.device)[None, :] < lengths[:, None])  # (B, n)
+        w = mask[:, None, :].to(d0.dtype)
+        summary = (d0[:, :, :n] * w).sum(2) / w.sum(2).clamp_min(1)  # (B, C)
+        lp = torch.log_softmax(self.io.logits(self.bow(summary)).float(), dim=-1)  # (B, V)
+        return (lp.gather(1, tokens) * mask).sum(1)
+
     def log_likelihood(self, d0, tokens, batch):
         if self.autoregressive:
-            return self.decoder.log_likelihood(self.io, tokens, batch["length"].long(), d0.transpose(1, 2))
+            lengths = batch["length"].long()
+            log_px = self.decoder.log_likelihood(self.io, tokens, lengths, d0.transpose(1, 2))
+            if self.cfg.bow_weight and self.training and torch.is_grad_enabled():
+                bow = self.bag_of_words_log_prob(d0, tokens, lengths)
+                log_px = log_px + self.cfg.bow_weight * (bow - bow.detach())  # its gradient, not its value
+            return log_px
         W = self.cfg.max_tokens + 1  # the fixed-length sequence: pieces, EOS, then PAD
         h = self.head(d0[:, :, :W]).transpose(1, 2)  # (B, W, E); the head is per position (kernel 1)
         B = tokens.shape[0]

@@ -70,6 +70,10 @@ def parse_args(argv=None):
     m.add_argument("--aux-weight", type=nonneg_float,
                    help="hybrid-vae: weight alpha of the auxiliary reconstruction term in the training loss "
                         "(default 0.2; reported bounds never include it)")
+    m.add_argument("--bow-weight", type=nonneg_float,
+                   help="biva-lstm: weight of a bag-of-words term in the training loss, the sentence's words "
+                        "predicted from the latents' features averaged over the sentence (ours, after Zhao et al. "
+                        "2017; default 0 = off; reported bounds never include it)")
     add_training_flags(p, list(TEXT_PRESETS), modality="text")
     args = p.parse_args(argv)
     check_text_data_flags(p, args)
@@ -87,6 +91,8 @@ def parse_args(argv=None):
         p.error("--decoder-gain needs --decoder-input scaled or normalised")
     if args.aux_weight is not None and args.model != "hybrid-vae":
         p.error("--aux-weight is the hybrid-vae's auxiliary term; use it with --model hybrid-vae")
+    if args.bow_weight and args.model not in (None, "biva-lstm"):
+        p.error("--bow-weight is biva-lstm's bag-of-words term; use it with --model biva-lstm")
     if args.kl_warmup_steps is not None and args.kl_schedule == "free-bits":
         p.error("--kl-warmup-steps needs --kl-schedule warmup")
     return args
@@ -164,7 +170,7 @@ def main(argv=None) -> None:
     flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
              "word_dropout": args.word_dropout, "decoder_input": args.decoder_input,
              "decoder_init": args.decoder_init, "decoder_gain": args.decoder_gain, "aux_weight": args.aux_weight,
-             "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
+             "bow_weight": args.bow_weight, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
 
@@ -179,6 +185,8 @@ def main(argv=None) -> None:
                 setattr(m, name, getattr(args, name))
         if args.aux_weight is not None:
             m.hybrid.aux_weight = args.aux_weight
+        if args.bow_weight is not None:
+            m.bow_weight = args.bow_weight
         return preset
 
     if source is not None:  # before anything is written: the tokenizer copy below is the first write
@@ -213,7 +221,7 @@ def main(argv=None) -> None:
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
                      "word_dropout": m.word_dropout, "decoder_input": m.decoder_input,
                      "decoder_init": m.decoder_init, "decoder_gain": m.decoder_gain,
-                     "aux_weight": m.hybrid.aux_weight if m.hybrid else None,
+                     "aux_weight": m.hybrid.aux_weight if m.hybrid else None, "bow_weight": m.bow_weight,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
                      "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
                      "train_files": data_cfg.train_files or None}

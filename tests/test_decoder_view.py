@@ -122,3 +122,47 @@ def test_options_are_refused_where_no_lstm_reads_latents():
             build(name, decoder_init="latents")
     with pytest.raises(UserError, match="decoder_input"):
         build(decoder_input="sum")
+
+
+def test_bag_of_words_term_changes_gradients_not_values():
+    """--bow-weight: the training loss's value and every evaluation figure are the plain ELBO's (same weights
+    without the term), but the gradient reaching the ladder differs and the bag-of-words layer learns."""
+    batch = make_batch([4, 13, 2, 7], seed=1)
+    bow = build(bow_weight=1.0).train()
+    plain = build().train()
+    missing, unexpected = plain.load_state_dict(bow.state_dict(), strict=False)
+    assert not missing and unexpected == ["bow.weight", "bow.bias"]
+    a, b = training_loss(bow, batch), training_loss(plain, batch)
+    assert torch.equal(a, b)
+    a.backward()
+    b.backward()
+    assert bow.bow.weight.grad is not None and bow.bow.weight.grad.abs().sum() > 0
+    ladder = [n for n, _ in plain.named_parameters() if n.startswith("ladder.")]
+    grads = dict(bow.named_parameters()), dict(plain.named_parameters())
+    assert any(not torch.allclose(grads[0][n].grad, grads[1][n].grad) for n in ladder if grads[1][n].grad is not None)
+    with torch.no_grad():  # evaluation: the bound alone
+        bow.eval(), plain.eval()
+        x, y = bow(batch, HashedNoise(3, batch["index"])), plain(batch, HashedNoise(3, batch["index"]))
+        assert torch.equal(x.bound(), y.bound())
+
+
+def test_bag_of_words_ignores_word_order_and_padding():
+    """log p_bow reads d_0 averaged over the sentence: the same words in another order score the same, PAD
+    after the length never counts, and the probabilities over the vocabulary sum to one."""
+    model = build(bow_weight=0.5).eval()
+    torch.manual_seed(0)
+    d0 = torch.randn(2, model.cfg.ladder.output_channels, 12)
+    tokens = torch.randint(4, V, (2, 12))
+    lengths = torch.tensor([5, 9])
+    base = model.bag_of_words_log_prob(d0, tokens, lengths)
+    shuffled = tokens.clone()
+    shuffled[0, :5] = tokens[0, [3, 0, 4, 1, 2]]
+    shuffled[1, 9:] = 0  # PAD past the length
+    assert torch.allclose(model.bag_of_words_log_prob(d0, shuffled, lengths), base)
+    n = 9
+    summary = d0[1, :, :n].mean(1, keepdim=True).T
+    probs = torch.softmax(model.io.logits(model.bow(summary)).float(), -1)
+    assert torch.allclose(probs.sum(), torch.tensor(1.0))
+    assert torch.allclose(base[1], probs[0, tokens[1, :n]].log().sum(), atol=1e-5)
+    with pytest.raises(UserError, match="bow_weight"):
+        build("rnn-vae", bow_weight=1.0)

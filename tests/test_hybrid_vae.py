@@ -130,6 +130,7 @@ def test_conv_variant_trains_and_bad_hybrid_flags_fail(corpus, capsys):  # noqa:
     assert json.loads((run / "config.json").read_text())["model"]["model"] == "hybrid-vae-conv"
     for argv, message in ((["--model", "hybrid-vae-conv", "--aux-weight", "0.1"], "--aux-weight"),
                           (["--model", "hybrid-vae-conv", "--word-dropout", "0.2"], "no autoregression"),
-                          (["--model", "hybrid-vae-conv", "--decoder-input", "scaled"], "no LSTM")):
+                          (["--model", "hybrid-vae-conv", "--decoder-input", "scaled"], "no LSTM"),
+                          (["--model", "rnn-vae", "--bow-weight", "1"], "--bow-weight")):
         code, _, err = run_script("train_text", argv, capsys)
         assert code == 2 and message in err, (argv, err)
