@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     from shared.engine import Trainer, default_resume_command, labelled_batch_size, process_state
     from shared.nn import set_channels_last
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
-    from shared.train import open_run, start_weights
+    from shared.train import check_init_reset, init_summary, open_run, start_weights
     from biva_image.model import ImageModelConfig
     import numpy as np
 
@@ -186,6 +186,7 @@ def main(argv=None) -> None:
                         f"{list(splits.shape)}; use the data the run was trained on")
     if labelled is not None:
         labelled_batch_size(run.train, len(labelled), state.num_processes)  # a bad value fails before any write
+    check_init_reset(run, lambda: ImageVAE(model_cfg))  # before config.json marks the run as started
     if state.is_main_process and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         if labelled is not None:  # before config.json, which marks the run as started
@@ -211,8 +212,7 @@ def main(argv=None) -> None:
         print(f"{run.preset} preset, {model_cfg.ladder.variant}, {n_params / 1e6:.2f}M parameters, "
               f"{len(splits.train)} train / {len(splits.valid)} valid images -> {out}", file=sys.stderr)
         if run.init_from is not None:
-            print(f"fine-tuning: initial weights from {run.init_from['run']} (step {run.init_from['step']})",
-                  file=sys.stderr)
+            print(init_summary(run.init_from), file=sys.stderr)
         if splits.valid_from == "train":
             print(f"validation: {len(splits.valid)} of the {len(splits.train)} training images (split seed "
                   f"{data_cfg.split_seed}), all of which are trained on (--valid-size 0); report on the test split",

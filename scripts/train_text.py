@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     from shared.config import RunConfig, from_dict, replace, to_dict
     from shared.engine import Trainer, default_resume_command, launched_rank, process_state
     from shared.run_dir import check_output_dir, read_run_config, write_run_config
-    from shared.train import check_same_model, open_run, start_weights
+    from shared.train import check_init_reset, check_same_model, init_summary, open_run, start_weights
 
     preset_name = args.preset or "paper"
     if args.output_dir is None:
@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     if model_cfg.vocab_size != vocab_size:
         raise UserError(f"the run's model has {model_cfg.vocab_size} pieces but {out / 'tokenizer.model'} has "
                         f"{vocab_size}; keep the run's own tokenizer")
+    check_init_reset(run, lambda: build_text_model(model_cfg))  # before config.json marks the run as started
     if state.is_main_process and not args.resume:
         write_run_config(out, run)
     state.wait_for_everyone()
@@ -263,8 +264,7 @@ def main(argv=None) -> None:
               f"T = {model_cfg.seq_len}, {schedule}; {len(splits.train)} train / {len(splits.valid)} valid "
               f"sentences -> {out}", file=sys.stderr)
         if run.init_from is not None:
-            print(f"fine-tuning: initial weights from {run.init_from['run']} (step {run.init_from['step']})",
-                  file=sys.stderr)
+            print(init_summary(run.init_from), file=sys.stderr)
     summary = trainer.fit()
     if state.is_main_process:
         v = summary["valid"]

@@ -92,6 +92,10 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
                         "written by scripts/export.py or a hub id owner/name) with the same model config; optimiser, "
                         "step and free-bits schedule start fresh (e.g. --free-bits 0); recorded in config.json "
                         "(default: none, random initial weights)")
+    g.add_argument("--init-reset", nargs="+", metavar="PART",
+                   help="with --init-from: parts of the model (module names, e.g. decoder) that start from fresh "
+                        "random weights instead of the source's, as in Li et al. (2019)'s recipe of a pretrained "
+                        "encoder with a new decoder; recorded in config.json (default: none, every weight from RUN)")
     g.add_argument("--report-to", choices=REPORT_TO,
                    help="experiment trackers besides metrics.jsonl: tensorboard (event files in "
                         "RUN/tensorboard/), wandb, mlflow, all (every one installed) or none (default: tensorboard "

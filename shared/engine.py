@@ -81,6 +81,18 @@ def process_state():
     return PartialState(cpu=use_cpu())
 
 
+def reset_state(model: "torch.nn.Module", parts: list[str]) -> dict:
+    """Copies of the state-dict entries of the modules named ``parts`` (--init-reset); one line naming
+    the modules there are when a name is not one of them."""
+    names = dict(model.named_modules())
+    unknown = [p for p in parts if p not in names or not p]
+    if unknown:
+        tops = sorted(n for n in names if n and "." not in n)
+        raise UserError(f"--init-reset {' '.join(unknown)}: not a part of this model; its parts are {', '.join(tops)}")
+    prefixes = tuple(p + "." for p in parts)
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
 def default_resume_command(script: str | None = None, argv: list[str] | None = None) -> str:
     """The command that continues this run: the same launcher and flags, plus --resume. A script's
     ``main(argv)`` called from Python (a benchmark) passes its own file and ``argv``: the command is then
@@ -304,8 +316,11 @@ class Trainer:
         # Same initial weights on every process; then per-process training noise.
         torch.manual_seed(cfg.seed)
         model = build_model()
-        if init_weights is not None:
-            rd.load_weights(init_weights, model)  # before the EMA copy: both start from the source's weights
+        if init_weights is not None:  # before the EMA copy: both start from the source's weights
+            reset = (run.init_from or {}).get("reset") or []
+            fresh = reset_state(model, reset)  # this model's own random initial values of those parts
+            rd.load_weights(init_weights, model)
+            model.load_state_dict(fresh, strict=False)
         self.ema = EMA(model, cfg.ema_decay)
         optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
         self.model, self.optimizer = acc.prepare(model, optimizer)

@@ -29,6 +29,8 @@ def init_source(args: argparse.Namespace, modality: str) -> InitSource | None:
     and on --resume, which continues from its own checkpoint (``open_run`` checks that a repeated flag
     names the run's own source)."""
     text = getattr(args, "init_from", None)
+    if getattr(args, "init_reset", None) and text is None:
+        raise UserError("--init-reset re-initialises parts of an --init-from run; pass --init-from RUN too")
     if text is None or args.resume:
         return None
     path = resolve_run(text, "--init-from")
@@ -38,7 +40,30 @@ def init_source(args: argparse.Namespace, modality: str) -> InitSource | None:
                         f"checkpoint, or pass another run")
     if getattr(args, "preset", None) is None:
         args.preset = config.preset
-    return InitSource(path, config, {"run": str(text), "path": str(path.resolve()), "step": run_step(path)})
+    record = {"run": str(text), "path": str(path.resolve()), "step": run_step(path)}
+    if getattr(args, "init_reset", None):
+        record["reset"] = sorted(set(args.init_reset))
+    return InitSource(path, config, record)
+
+
+def check_init_reset(run: RunConfig, build: Callable) -> None:
+    """A new run's --init-reset names parts of the model ``build()`` makes (built on the meta device: no
+    memory, no time); one line otherwise."""
+    parts = (run.init_from or {}).get("reset")
+    if parts:
+        import torch
+
+        from .engine import reset_state
+
+        with torch.device("meta"):
+            reset_state(build(), parts)
+
+
+def init_summary(record: dict) -> str:
+    """The line a fine-tuning run prints about where its weights come from."""
+    reset = record.get("reset")
+    fresh = f"; fresh random weights for {', '.join(reset)}" if reset else ""
+    return f"fine-tuning: initial weights from {record['run']} (step {record['step']}){fresh}"
 
 
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -98,6 +123,10 @@ def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunCon
     if given is not None and not same:
         raise UserError(f"--init-from {given} differs from the resumed run's {saved_source or 'none'}; drop "
                         f"--init-from (a resumed run continues from its checkpoint) or choose a new --output-dir")
+    reset = getattr(args, "init_reset", None)
+    if reset and sorted(set(reset)) != saved.get("reset", []):
+        raise UserError(f"--init-reset {' '.join(reset)} differs from the resumed run's "
+                        f"{' '.join(saved.get('reset', [])) or 'none'}; drop the flag or choose a new --output-dir")
     for flag, value in (model_flags or {}).items():
         saved = run.extra.get("flags", {}).get(flag)
         if value is not None and saved is not None and value != saved:

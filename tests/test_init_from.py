@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from script_utils import image_folder, metrics, run_main, text_files, text_flags
 from shared.engine import Trainer
@@ -114,3 +115,71 @@ def test_resume_continues_from_the_checkpoint_not_the_source(text_source, tmp_pa
     code, _, err = run_main("train_text", [*flags, *COMMON, "--output-dir", run, "--resume", "--max-steps", 6,
                                            "--init-from", src], capsys)
     assert code == 2 and "differs from the resumed run's" in err
+
+
+def weights_at_step_0(argv, capsys, monkeypatch) -> dict:
+    """The model's weights when a new text run starts (``fit`` replaced: nothing trains)."""
+    seen = []
+
+    def capture(trainer):
+        seen.append({k: v.clone() for k, v in trainer.raw_model.state_dict().items()})
+        return {"step": 0, "valid": trainer.validate(final=True, log=False), "skipped_total": 0}
+
+    monkeypatch.setattr(Trainer, "fit", capture)
+    code, _, err = run_main("train_text", argv, capsys)
+    monkeypatch.undo()
+    assert code == 0, err
+    return seen[0]
+
+
+def test_init_reset_gives_the_named_part_fresh_weights_and_the_rest_the_sources(text_source, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Li et al. (2019)'s recipe: the source's encoder, a new decoder. The decoder starts where a run without
+    --init-from starts (same seed), everything else from the source's exported weights."""
+    from safetensors.torch import load_file
+
+    root, flags = text_source
+    src, _ = train_source("train_text", root, flags, capsys)
+    source = load_file(str(src / "model.safetensors"))
+    run = tmp_path / "ft"
+    argv = [*flags, *COMMON, "--output-dir", run, "--init-from", src, "--init-reset", "decoder"]
+    got = weights_at_step_0(argv, capsys, monkeypatch)
+    fresh = weights_at_step_0([*flags, *COMMON, "--output-dir", tmp_path / "fresh"], capsys, monkeypatch)
+    decoder = [k for k in got if k.startswith("decoder.")]
+    assert decoder and len(decoder) < len(got)
+    for k, v in got.items():
+        want = fresh[k] if k.startswith("decoder.") else source[k]
+        assert torch.equal(v, want), k
+    assert any(not torch.equal(source[k], fresh[k]) for k in decoder)  # the test can tell them apart
+    assert json.loads((run / "config.json").read_text())["init_from"]["reset"] == ["decoder"]
+    # The printed resume command repeats the flag: it is accepted; another part is not.
+    code, _, err = run_main("train_text", [*argv, "--resume", "--max-steps", 1, "--eval-every", 1], capsys)
+    assert code == 0, err
+    code, _, err = run_main("train_text", [*flags, *COMMON, "--output-dir", run, "--init-from", src, "--init-reset",
+                                           "ladder", "--resume", "--max-steps", 2], capsys)
+    assert code == 2 and "--init-reset ladder differs from the resumed run's decoder" in err
+
+
+def test_init_reset_refuses_an_unknown_part_or_no_source(text_source, tmp_path, capsys):
+    root, flags = text_source
+    src, _ = train_source("train_text", root, flags, capsys)
+    code, _, err = run_main("train_text", [*flags, *COMMON, "--output-dir", tmp_path / "a", "--init-from", src,
+                                           "--init-reset", "encoderr"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--init-reset encoderr: not a part of this model; its parts are" in err and "decoder" in err
+    assert not (tmp_path / "a" / "config.json").exists()
+    code, _, err = run_main("train_text", [*flags, *COMMON, "--output-dir", tmp_path / "b", "--init-reset",
+                                           "decoder"], capsys)
+    assert code == 2 and "pass --init-from RUN too" in err and not (tmp_path / "b").exists()
+
+
+def test_image_init_reset_names_the_parts(image_source, tmp_path, capsys):
+    root, flags = image_source
+    src, _ = train_source("train_image", root, flags, capsys)
+    code, _, err = run_main("train_image", [*flags, *COMMON, "--output-dir", tmp_path / "a", "--init-from", src,
+                                            "--init-reset", "decoder"], capsys)
+    assert code == 2 and "--init-reset decoder: not a part of this model; its parts are" in err and "ladder" in err
+    assert not (tmp_path / "a" / "config.json").exists()
+    code, _, err = run_main("train_image", [*flags, *COMMON, "--output-dir", tmp_path / "b", "--init-from", src,
+                                            "--init-reset", "ladder", "--max-steps", 1, "--eval-every", 1], capsys)
+    assert code == 0 and "fresh random weights for ladder" in err, err
