@@ -131,8 +131,10 @@ def row(name: str, r: dict) -> str:
     units = "–" if au is None else f"{au['total']}/{au['units']}"
     gain = "–" if r["reconstruction_gain"] is None else f"{r['reconstruction_gain']:.2f}"
     overlap = "–" if u is None else f"{u['own']:.1%} / {u['other']:.1%}"
+    tf = (r.get("teacher_forced_accuracy") or {}).get("posterior")  # z ~ q; the LM's own figure without z
+    accuracy = "–" if tf is None else f"{tf['all']:.1%} / {tf['rare']:.1%}"
     return (f"| {name} | {r['num_params'] / 1e6:.2f}M | {r['nll_elbo']:.2f} | {r['nll']:.2f} | {kl} | "
-            f"{r['ppl_elbo']:.2f} | {units} | {gain} | {overlap} |")
+            f"{r['ppl_elbo']:.2f} | {units} | {gain} | {overlap} | {accuracy} |")
 
 
 def main(argv=None) -> dict:
@@ -175,9 +177,10 @@ def main(argv=None) -> dict:
             ["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", "cpu"])
 
     print(f"\nTable 7 shape, Jane Austen test split, preset {PRESET}, {steps} steps each "
-          f"(-log p(x) in nats per sentence; AU: active units / units; overlap: own / other sentences)")
-    print("| model | params | -log p(x) ≤ -L_1 | ≤ -L_K | KL | PPL (L_1) | AU | rec. gain | overlap |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"(-log p(x) in nats per sentence; AU: active units / units; overlap: own / other sentences; "
+          f"next word: teacher-forced accuracy with z ~ q, all words / outside the 50 most frequent)")
+    print("| model | params | -log p(x) ≤ -L_1 | ≤ -L_K | KL | PPL (L_1) | AU | rec. gain | overlap | next word |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in reports.items():
         print(row(name, r))
     results = checks(reports)
