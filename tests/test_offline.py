@@ -52,7 +52,9 @@ def test_hub_dataset_offline_fails_at_once_in_one_line(modality, mode, tmp_path)
     assert "Traceback" not in p.stderr and len(err.splitlines()) == 1, p.stderr
     assert err.startswith(f"error: could not fetch {repo}") and flag in err, err
     assert ("offline mode is on" if mode == "declared" else "unreachable") in err, err
-    assert seconds < 5, f"{seconds:.1f} s: {err}"
+    # The hub's retries take half a minute; a loaded 2-core machine needed 6.9 s for the fast path (a new
+    # Python process importing the script): 15 s tells the two apart without failing on a busy machine.
+    assert seconds < 15, f"{seconds:.1f} s: {err}"
     assert not out.exists()
 
 
