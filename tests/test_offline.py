@@ -110,7 +110,8 @@ def test_a_cached_copy_is_read_without_the_hub(mode, cached_home, tmp_path):
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["rows"] == 50 and result["first"] == "sentence number 0 ." and result["seconds"] < 10, result
+    # Under 20 s: the hub's retries would take half a minute; a busy 2-core machine needed 12 s here.
+    assert result["rows"] == 50 and result["first"] == "sentence number 0 ." and result["seconds"] < 20, result
     if mode == "unreachable":  # said once, and datasets is switched to offline mode instead of retrying
         assert len(result["warnings"]) == 1 and "unreachable" in result["warnings"][0], result
         assert "someone/tiny-lines" in result["warnings"][0]
