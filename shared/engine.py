@@ -657,7 +657,7 @@ class Trainer:
             return record
         self.log(record)
         self.faults.kill_if("kill-eval", self.state.step)
-        if not final:
+        if not final and self.raw_model.num_groups:  # no latents (a language model): nothing to schedule
             message = self.free_bits.step(res.elbo)
             if message:
                 self.log({"step": self.state.step, "event": "free_bits", "budget": self.free_bits.budget,

@@ -339,3 +339,13 @@ def test_a_run_started_from_python_prints_its_own_resume_command(corpus, monkeyp
     code, _, err = run_script("train_text", command[2:], capsys)
     assert code == 0, err
     assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("model, events", [("lstm-lm", False), ("biva-lstm", True)])
+def test_the_free_bits_schedule_runs_only_for_models_with_latents(corpus, model, events):
+    """Every evaluation a plateau (a 1000-nat threshold, patience 1): biva-lstm's budget drops and is logged;
+    the language model has no KL to schedule and logs no budget change."""
+    out = train(corpus, f"plateau-{model}", model, "--max-steps", "4", "--eval-every", "1",
+                "--free-bits-patience", "1", "--free-bits-threshold", "1000")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "free_bits" for r in records) == events
