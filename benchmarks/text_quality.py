@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Table 7 on real sentences, on a CPU: do BIVA's latents carry the sentence next to an LSTM decoder?
 
-    python benchmarks/text_quality.py --fetch                  # five models, the small preset, ~1-2 h on 2 CPUs
+    python benchmarks/text_quality.py --fetch                  # five models, the small preset, ~2-3 h on 2 CPUs
     python benchmarks/text_quality.py --steps 300 --iw-samples 20 --out-dir /tmp/tq   # a quick look
 
 The text is Jane Austen's six novels (31,438 sentences; benchmarks/real_text.py unpacks them from
