@@ -73,7 +73,7 @@ def small(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     train = TrainConfig(max_steps=6000, batch_size=64, lr=2e-3, eval_every=100, save_every=500, log_every=25,
                         eval_examples=2000, ema_decay=0.99, free_bits_budget=8.0, free_bits_patience=2,
                         free_bits_factor=0.5, free_bits_threshold=0.1, free_bits_min=1.0, length_buckets=True)
-    return sizes, train, "a narrow BIVA (L=4, 32 kernels, LSTM 128) for CPU runs of a few minutes"
+    return sizes, train, "a narrow BIVA (L=4, 32 kernels, LSTM 128) for CPU runs of about 20 minutes"
 
 
 def tiny(max_tokens: int) -> tuple[dict, TrainConfig, str]:

@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
              "word_dropout": args.word_dropout, "decoder_input": args.decoder_input,
              "decoder_init": args.decoder_init, "decoder_gain": args.decoder_gain, "aux_weight": args.aux_weight,
-             "bow_weight": args.bow_weight, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "max_tokens": args.max_tokens,
+             "bow_weight": args.bow_weight, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+             "max_tokens": args.max_tokens,
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
              "train_files": [str(p) for p in args.train_files] if args.train_files else None}
 
