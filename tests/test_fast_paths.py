@@ -140,7 +140,21 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
 
 
-def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path, fresh_accelerator_state):
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_nowhere_else(monkeypatch):
+    from shared import engine
+
+    monkeypatch.setattr(engine, "native_cpu_bf16", lambda: False)
+    line = engine.cpu_bf16_warning("cpu", "bf16")
+    assert line.startswith("warning: --mixed-precision bf16") and "\n" not in line
+    assert engine.cpu_bf16_warning("cpu", "no") is None
+    assert engine.cpu_bf16_warning("cuda", "bf16") is None
+    monkeypatch.setattr(engine, "native_cpu_bf16", lambda: True)
+    assert engine.cpu_bf16_warning("cpu", "bf16") is None
+
+
+def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path, fresh_accelerator_state, capsys):
+    from shared.engine import native_cpu_bf16
+
     cfg = tiny_image_config("biva")
     run = tiny_run(cfg, max_steps=40, eval_every=20, save_every=40, free_bits=0.1, mixed_precision="bf16")
     out = tmp_path / "run"
@@ -148,6 +162,7 @@ def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path, fresh_accelerator_st
     write_run_config(out, run)
     trainer = Trainer(run, build(cfg), ArrayDataset(stripes(128)), ArrayDataset(stripes(32, seed=1)), out)
     assert trainer.accelerator.mixed_precision == "bf16"
+    assert ("without bf16 kernels" in capsys.readouterr().err) == (not native_cpu_bf16())
     trainer.fit()
     records = read_metrics(out)
     train_records = [r for r in records if r.get("split") == "train"]
