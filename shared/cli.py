@@ -141,8 +141,8 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     s = p.add_argument_group("speed and safety")
     s.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="autocast precision of training and validation; log-densities, KL and bounds stay fp32 "
-                        "(default no; bf16 also on a CPU, much faster where it has native bf16, e.g. AVX512-BF16/AMX, "
-                        "and several times slower where it has not: a warning says so)")
+                        "(default no; bf16 also on a CPU: much faster where oneDNN has bf16 kernels, AVX512 and best "
+                        "AVX512-BF16/AMX, several times slower on AVX2 alone, where a warning says so)")
     s.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile (inductor) the model; the first step's time, compilation included, is printed "
                         "(default off: on a CPU it compiles for minutes and measured slower than eager)")

@@ -140,7 +140,7 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
 
 
-def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_nowhere_else(monkeypatch):
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_nowhere_else(monkeypatch):
     from shared import engine
 
     monkeypatch.setattr(engine, "native_cpu_bf16", lambda: False)
