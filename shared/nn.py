@@ -56,33 +56,56 @@ class WNConv(nn.Module):
         return F.conv2d(x, w, self.b, stride=self.stride, padding=self.kernel // 2)
 
 
-def keep_mask(x: torch.Tensor, dropped: int, int16_lanes: bool | None = None) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, dropped: int, integer_lanes: bool | None = None) -> torch.Tensor:
     """A boolean mask in the layout of x, each element False with probability dropped / 65536.
 
-    On a CPU (``int16_lanes`` None: by device) the mask compares 16-bit random integers with a
-    threshold, four from each 64-bit draw of the generator: torch's CPU generator runs on one thread,
-    and this is about 4x faster than one uniform per element (and 8x faster than ``bernoulli_``). On
-    other devices, whose generators are parallel (and where a full-range int64 draw may not exist),
-    it is one uniform per element. A channels_last x gets a channels_last mask either way."""
-    if int16_lanes is None:
-        int16_lanes = x.device.type == "cpu"
-    if not int16_lanes:
+    On a CPU (``integer_lanes`` None: by device) the mask compares small random integers with a
+    threshold, several from each 64-bit draw of the generator: torch's CPU generator runs on one thread,
+    and one uniform per element is about 4x slower (``bernoulli_`` 8x). A rate that is a multiple of
+    2^-8 (dropout 0.5, 0.25, ...) needs only 8 bits, so eight 8-bit lanes come from each draw; any other
+    rate takes four 16-bit lanes. On other devices, whose generators are parallel (and where a
+    full-range int64 draw may not exist), it is one uniform per element. A channels_last x gets a
+    channels_last mask either way."""
+    if integer_lanes is None:
+        integer_lanes = x.device.type == "cpu"
+    if not integer_lanes:
         return torch.rand_like(x, dtype=torch.float32) >= dropped / 65536
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)  # all 64 bits
-    lanes = bits.view(torch.int16)[:n]
-    dense_permuted = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    lanes = lanes.as_strided(x.shape, x.stride()) if dense_permuted else lanes.view(x.shape)
-    return lanes >= dropped - 32768
+    lane, per_draw, threshold = ((torch.int8, 8, dropped // 256 - 128) if dropped % 256 == 0
+                                 else (torch.int16, 4, dropped - 32768))
+    bits = torch.empty((n + per_draw - 1) // per_draw, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    lanes = bits.view(lane)[:n]  # all 64 bits of each draw
+    lanes = lanes.as_strided(x.shape, x.stride()) if _dense_permuted(x) else lanes.view(x.shape)
+    return lanes >= threshold
+
+
+def _dense_permuted(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("biva::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _keep_mask_op(x: torch.Tensor, dropped: int) -> torch.Tensor:
+    """keep_mask as one opaque operator, for torch.compile on a CPU: dynamo cannot trace the in-place
+    ``random_`` (a graph break at every dropout), and inductor's own CPU random numbers made the binary
+    preset's compiled step slower than eager. The tag keeps the mask drawn once, in the forward pass
+    (the partitioner never recomputes a seeded random operator for the backward)."""
+    return keep_mask(x, dropped)
+
+
+@_keep_mask_op.register_fake
+def _(x: torch.Tensor, dropped: int) -> torch.Tensor:
+    layout = torch.channels_last if _dense_permuted(x) else torch.contiguous_format
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device, memory_format=layout)
 
 
 class Dropout(nn.Module):
     """Inverted dropout with the distribution of ``nn.Dropout``: each element kept with probability
     1 - p and scaled by 1 / (1 - p); the binary preset drops in every block.
 
-    The mask comes from ``keep_mask`` (16-bit random integers on a CPU), so p is rounded to a multiple
-    of 2^-16 (0.2 -> 0.199997) on every device, and the scale uses the rounded p: the output stays
-    unbiased. The mask is drawn in the layout of x, whatever its dtype."""
+    The mask comes from ``keep_mask`` (8- or 16-bit random integers on a CPU), so p is rounded to a
+    multiple of 2^-16 (0.2 -> 0.199997) on every device, and the scale uses the rounded p: the output
+    stays unbiased. The mask is drawn in the layout of x, whatever its dtype; under torch.compile on a
+    CPU it is drawn by the same code, as one opaque operator."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -96,7 +119,11 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return x
-        return x * (keep_mask(x, self.dropped).to(x.dtype) * (65536 / (65536 - self.dropped)))
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            keep = _keep_mask_op(x, self.dropped)
+        else:
+            keep = keep_mask(x, self.dropped)
+        return x * (keep.to(x.dtype) * (65536 / (65536 - self.dropped)))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

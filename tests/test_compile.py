@@ -77,3 +77,19 @@ def test_compiled_importance_weighted_bound_equals_eager():
         torch._dynamo.reset()
     assert torch.isfinite(eager).all()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_does_not_break_the_compiled_graph_on_a_cpu():
+    """Dropout's CPU mask (64-bit draws cut into lanes: an in-place random_ that dynamo cannot trace)
+    reaches the compiler as one opaque operator: the whole training forward is one graph."""
+    torch.manual_seed(0)
+    cfg = tiny_image_config("biva", levels=2)
+    cfg.ladder.dropout_inference = cfg.ladder.dropout_generative = 0.5
+    model = ImageVAE(cfg).train()
+    batch = {"index": torch.arange(4), "x": torch.as_tensor(stripes(4))}
+    try:
+        explained = torch._dynamo.explain(model)(batch, TrainNoise())
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_count == 1

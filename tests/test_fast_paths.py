@@ -34,16 +34,25 @@ def test_dropout_keeps_one_minus_p_and_rescales():
         assert torch.equal(drop.eval()(x), x)  # identity in evaluation
 
 
-def test_dropout_uses_all_four_16_bit_lanes_of_each_draw_independently():
-    """Four mask elements come from one 64-bit draw: every lane must keep at 1 - p, and neighbouring
-    lanes must not be correlated (a lane taken from a 63-bit draw, or repeated, would show here)."""
+@pytest.mark.parametrize("p, lanes", [(0.2, 4), (0.5, 8)])
+def test_dropout_uses_every_lane_of_each_draw_independently(p, lanes):
+    """Several mask elements come from one 64-bit draw: four 16-bit lanes for p = 0.2, eight 8-bit lanes
+    for p = 0.5 (a multiple of 2^-8). Every lane must keep at 1 - p, and neighbouring lanes must not be
+    correlated (a lane taken from a 63-bit draw, or repeated, would show here)."""
     torch.manual_seed(0)
-    y = Dropout(0.5).train()(torch.ones(800_000)).view(-1, 4) != 0
+    y = Dropout(p).train()(torch.ones(200_000 * lanes)).view(-1, lanes) != 0
     rates = y.float().mean(0)
-    assert torch.all((rates - 0.5).abs() < 0.004), rates
-    both = (y[:, 0] & y[:, 1]).float().mean().item()
-    assert abs(both - 0.25) < 0.004  # independent lanes: P(keep, keep) = 1/4
-    assert abs((y[:-1, 3] & y[1:, 0]).float().mean().item() - 0.25) < 0.004  # across draws too
+    assert torch.all((rates - (1 - p)).abs() < 0.005), rates
+    for a, b in ((y[:, 0], y[:, 1]), (y[:, lanes - 2], y[:, lanes - 1]), (y[:-1, lanes - 1], y[1:, 0])):
+        # independent lanes, within a draw and across draws: P(keep, keep) = (1 - p)^2
+        assert abs((a & b).float().mean().item() - (1 - p) ** 2) < 0.005
+    # the draws are consumed as counted: the next draw from the generator is the one after the mask's
+    torch.manual_seed(0)
+    Dropout(p).train()(torch.ones(1000 * lanes))
+    after = torch.empty(1, dtype=torch.int64).random_(-2**63, None)
+    torch.manual_seed(0)
+    torch.empty(1000, dtype=torch.int64).random_(-2**63, None)
+    assert torch.equal(after, torch.empty(1, dtype=torch.int64).random_(-2**63, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +60,7 @@ def test_the_uniform_mask_of_other_devices_has_the_rate_and_layout_too(dtype):
     """GPUs draw one uniform per element (keep_mask's other path, run here on the CPU)."""
     torch.manual_seed(0)
     x = torch.ones(40, 16, 25, 25, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    keep = keep_mask(x, round(0.2 * 65536), int16_lanes=False)
+    keep = keep_mask(x, round(0.2 * 65536), integer_lanes=False)
     assert keep.is_contiguous(memory_format=torch.channels_last) and not keep.is_contiguous()
     assert abs(keep.float().mean().item() - 0.8) < 0.004
 
