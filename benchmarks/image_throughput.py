@@ -103,13 +103,14 @@ def main(argv=None) -> dict:
     from shared.bounds import auto_iw_chunk, iw_bound
     from shared.cli import pick_device
     from shared.distributions import TrainNoise
-    from shared.engine import EMA
+    from shared.engine import EMA, keep_freed_cpu_memory
     from shared.nn import set_channels_last
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(pick_device(args.device))
     cuda = device.type == "cuda"
+    heap_kept = not cuda and keep_freed_cpu_memory()  # as the engine's Trainer does on a CPU
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -168,6 +169,7 @@ def main(argv=None) -> dict:
         "levels": preset.model.ladder.levels, "num_params": n_params, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision, "compile": args.compile,
+        "keep_freed_cpu_memory": heap_kept,
         "channels_last": args.channels_last, "first_step_s": first_s,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
         "train_s": round(train_s, 4), "train_images_per_s": args.batch_size * args.steps / train_s,

@@ -112,13 +112,15 @@ def main(argv=None) -> None:
 
     engine_step = sibling("image_throughput").engine_step
     from shared.distributions import TrainNoise
-    from shared.engine import EMA
+    from shared.engine import EMA, keep_freed_cpu_memory
 
     device = torch.device(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_cpu_memory()  # as the engine's Trainer does on a CPU
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.mixed_precision == "bf16" \
         else contextlib.nullcontext
     print(f"device {device}, {torch.get_num_threads()} threads, precision {args.mixed_precision}", file=sys.stderr)

@@ -208,7 +208,10 @@ def main(argv=None) -> dict:
     from biva_text.model import build_text_model, num_params
     from biva_text.presets import get_preset
 
+    from shared.engine import keep_freed_cpu_memory
+
     device = torch.device(pick_device(args.device))
+    heap_kept = device.type == "cpu" and keep_freed_cpu_memory()  # as the engine's Trainer does on a CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mixed_precision == "bf16":
@@ -222,7 +225,7 @@ def main(argv=None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     result = {"model": args.model, "preset": args.preset, "num_params": num_params(model), "seq_len": cfg.seq_len,
               "device": name, "batch_size": args.batch_size, "steps": args.steps, "length_buckets": args.length_buckets,
-              "mixed_precision": args.mixed_precision,
+              "mixed_precision": args.mixed_precision, "keep_freed_cpu_memory": heap_kept,
               "iw_samples": args.iw_samples}
     print(f"{args.model} ({args.preset}), {result['num_params'] / 1e6:.2f}M parameters, T = {cfg.seq_len}, on {name}",
           file=sys.stderr)

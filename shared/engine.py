@@ -73,6 +73,37 @@ def cpu_bf16_warning(device_type: str, mixed_precision: str) -> str | None:
             "on an AVX2 CPU); --mixed-precision no is the faster choice here")
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+HEAP_KEEP_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap, and freed memory stays there
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next step instead of returning it to the system.
+
+    By default glibc serves every block above a dynamic threshold (128 KiB to 32 MiB) with a fresh
+    mmap and unmaps it when freed, and trims the heap's top, so a CPU training step page-faults on
+    (and zeroes) the memory of nearly every activation again, every step. Raising the mmap and trim
+    thresholds keeps that memory mapped: measured on a 2-core AVX512-BF16 EPYC
+    (benchmarks/image_throughput.py with and without BIVA_GLIBC_MALLOC=1, means of 3 interleaved
+    rounds), the binary preset's step 1.06x faster in fp32 (29.3 -> 31.1 images/s) and 1.03x in bf16
+    (50.0 -> 51.5). The process holds on to its peak memory instead of returning it between steps, as torch's
+    CUDA allocator does on a GPU. Training on a CPU calls this; BIVA_GLIBC_MALLOC=1 in the environment
+    leaves glibc's defaults. Returns whether the settings were applied (False: not glibc, or opted out)."""
+    if os.environ.get("BIVA_GLIBC_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES), (_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES), (_M_TOP_PAD, 1 << 28)))
+
+
 def launched_processes() -> int:
     """How many processes the launcher says it started (torchrun, accelerate launch, mpirun)."""
     names = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -309,6 +340,8 @@ class Trainer:
             print(warning, file=sys.stderr)
         if acc.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        else:
+            keep_freed_cpu_memory()
         world = acc.num_processes
         if world < launched_processes():
             raise RuntimeError(f"{launched_processes()} processes were started but only {world} joined: create the "

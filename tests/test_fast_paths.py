@@ -193,3 +193,62 @@ def test_iw_chunk_from_memory_gives_the_same_bound():
     auto = evaluate(model, data, batch_size=4, seed=2, iw_samples=12, iw_chunk=None)
     one = evaluate(model, data, batch_size=4, seed=2, iw_samples=12, iw_chunk=1)
     assert auto.iw == pytest.approx(one.iw, abs=1e-5)
+
+
+HEAP_PROBE = """
+import ctypes, sys
+import torch
+from shared.engine import keep_freed_cpu_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_cpu_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.empty(40 << 20, dtype=torch.uint8)  # 40 MiB: above glibc's largest dynamic mmap threshold
+mapped = libc.mallinfo2().hblkhd - before
+print(applied, mapped >= 40 << 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_a_cpu_run_serves_large_activations_from_the_heap_unless_opted_out():
+    """keep_freed_cpu_memory (called by the Trainer on a CPU) raises glibc's mmap threshold, so a 40 MiB
+    activation comes from the heap and its memory is reused by the next step instead of being mapped
+    and page-faulted afresh; BIVA_GLIBC_MALLOC=1 keeps glibc's defaults (the block is mmapped)."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    root = str(Path(__file__).resolve().parents[1])
+    outcome = {}
+    for opt_out in ("0", "1"):
+        env = {**os.environ, "BIVA_GLIBC_MALLOC": opt_out, "PYTHONPATH": root}
+        p = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outcome[opt_out] = p.stdout.split()
+    assert outcome["0"] == ["True", "False"]  # applied: the block is not a fresh mapping
+    assert outcome["1"] == ["False", "True"]  # glibc's defaults: it is
+
+
+def test_the_trainer_keeps_freed_memory_on_a_cpu(tmp_path, fresh_accelerator_state, monkeypatch):
+    from shared import engine
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    cfg = tiny_image_config("biva")
+    run = tiny_run(cfg, max_steps=1, eval_every=1, save_every=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_config(out, run)
+    Trainer(run, build(cfg), ArrayDataset(stripes(16)), ArrayDataset(stripes(8, seed=1)), out)
+    assert calls == [1]
