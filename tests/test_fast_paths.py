@@ -1,6 +1,8 @@
 """The speed paths keep the numbers: the fast dropout has nn.Dropout's distribution, bf16 autocast on
 the CPU keeps log-densities in fp32 and the ELBO within 1% of fp32's, a bf16 run trains through the
 engine, and L_K with its chunk size chosen from memory equals the fixed-chunk bound."""
+import sys
+
 import pytest
 import torch
 from core_utils import ArrayDataset, build, stripes, tiny_image_config, tiny_run
@@ -214,7 +216,7 @@ print(applied, mapped >= 40 << 20)
 """
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
 def test_a_cpu_run_serves_large_activations_from_the_heap_unless_opted_out():
     """keep_freed_cpu_memory (called by the Trainer on a CPU) raises glibc's mmap threshold, so a 40 MiB
     activation comes from the heap and its memory is reused by the next step instead of being mapped
@@ -222,7 +224,6 @@ def test_a_cpu_run_serves_large_activations_from_the_heap_unless_opted_out():
     import ctypes
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     try:
