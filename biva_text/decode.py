@@ -123,7 +123,7 @@ def generate(model, cond: torch.Tensor | None, ids: torch.Tensor, opts: DecodeOp
     tokens[:, :len(prefix)] = torch.tensor(prefix, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(len(prefix), max_len):
-        logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
+        logits, state = model.decode_step(prev, state, cond, t)
         logits = _never(logits)
         if opts.method == "sample":
             nxt = draw_tokens(logits, opts, noise, TOKEN_KEY + t)
@@ -166,7 +166,7 @@ def _feed_prefix(model, cond, prefix: list[int], n: int, device):
     prev = torch.full((n,), BOS_ID, dtype=torch.long, device=device)
     state = model.initial_decoder_state(cond)  # None: zeros
     for t, token in enumerate(prefix):
-        _, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
+        _, state = model.decode_step(prev, state, cond, t)
         prev = torch.full((n,), token, dtype=torch.long, device=device)
     return state, prev
 
@@ -205,7 +205,7 @@ def _beam_search(model, cond, n, K, max_len, device, alpha, prefix) -> tuple[tor
     only_pad[PAD_ID] = 0.0  # a finished hypothesis continues with PAD at no cost
     rows = torch.arange(n, device=device)[:, None] * K
     for t in range(len(prefix), max_len):
-        logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
+        logits, state = model.decode_step(prev, state, cond, t)
         logp = torch.log_softmax(_never(logits), -1)
         logp = torch.where(finished[:, None], only_pad, logp)
         cand = scores.view(-1, 1) + logp  # (n*K, V)

@@ -76,6 +76,9 @@ class TextModelConfig:
     decoder_input: str = "concat"  # the LSTM reads [embedding, cond_t] (concat), gain * cond_t (scaled) or gain * layernorm(cond_t) (normalised)
     decoder_init: str = "zeros"  # the LSTM's initial (h, c): zeros, or a linear map of the conditioning averaged over time (latents)
     decoder_gain: float = 4.0  # initial value of the learned gain (scaled, normalised)
+    # The LSTM's output also attends over the whole conditioning sequence (Luong et al. 2015's global
+    # attention, without input feeding): what z says is found by content, not only at position t.
+    decoder_attention: bool = False
     # biva-lstm, training only (ours, after Zhao et al. 2017): the gradient of bow_weight * log p_bow(x | d_0),
     # a bag-of-words softmax over the sentence's tokens read from d_0 averaged over the sentence (position-
     # free, so the words must be in the latents, not in where they sit); reported bounds never include it.
@@ -106,7 +109,11 @@ class TextModelConfig:
         if self.decoder_input not in DECODER_INPUTS or self.decoder_init not in DECODER_INITS:
             raise UserError(f"decoder_input must be one of {', '.join(DECODER_INPUTS)} and decoder_init one of "
                             f"{', '.join(DECODER_INITS)}; got {self.decoder_input!r}, {self.decoder_init!r}")
-        if (self.decoder_input, self.decoder_init) != ("concat", "zeros") and self.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
+        if self.decoder_input == "none" and self.decoder_init == "zeros" and not self.decoder_attention:
+            raise UserError("decoder_input none leaves the LSTM blind to the latents; add decoder_attention or "
+                            "decoder_init latents")
+        if ((self.decoder_input, self.decoder_init) != ("concat", "zeros") or self.decoder_attention) \
+                and self.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
             raise UserError(f"model {self.model} has no LSTM reading latents; drop the decoder input/init options")
         if self.model in HYBRID_MODELS:
             h = self.hybrid
@@ -214,27 +221,42 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor, state=None):
 
 
 class LSTMDecoder(nn.Module):
-    """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t.
+    """An LSTM that reads [embedding of token t-1 (BOS at t=0), cond_t] and predicts token t; with
+    ``attention`` its output also reads the whole conditioning sequence, with ``cond_input`` "none" only that.
 
     The token embedding and output layer (``io``) belong to the model and are passed in, so the
     tied matrix is stored once."""
 
     def __init__(self, embedding_dim: int, cond_dim: int, hidden_size: int, word_dropout: float = 0.0,
-                 cond_input: str = "concat", cond_init: str = "zeros", gain: float = 4.0):
+                 cond_input: str = "concat", cond_init: str = "zeros", gain: float = 4.0, attention: bool = False):
         super().__init__()
         self.cond_dim = cond_dim
         self.word_dropout = word_dropout
-        self.lstm = make_lstm(embedding_dim + cond_dim, hidden_size)
+        reads = cond_dim if cond_input != "none" else 0
+        self.lstm = make_lstm(embedding_dim + reads, hidden_size)
         self.proj = nn.Linear(hidden_size, embedding_dim)
         # The defaults add no parameter: runs saved before these options load unchanged.
-        self.cond_input, self.cond_init = cond_input, cond_init
-        if cond_input != "concat":
+        self.cond_input, self.cond_init, self.attention = cond_input, cond_init, attention
+        if attention:
+            self.att_query = nn.Linear(hidden_size, cond_dim)
+            self.att_out = nn.Linear(cond_dim, embedding_dim)
+        if cond_input not in ("concat", "none"):
             # The embeddings enter at unit scale; a small d_0 beside them is easy for the LSTM to ignore.
             self.cond_gain = nn.Parameter(torch.tensor(float(gain)))
         if cond_input == "normalised":
             self.cond_norm = nn.LayerNorm(cond_dim, elementwise_affine=False)
         if cond_init == "latents":
             self.init_state = nn.Linear(cond_dim, 2 * hidden_size)
+
+    def features(self, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The tied output layer's input (B, n, E) from the LSTM's outputs h (B, n, H): proj(h), plus with
+        attention a context read from the conditioning (B, T, C) by softmax(q(h) . cond / sqrt(C))."""
+        out = self.proj(h)
+        if not self.attention or cond is None:
+            return out
+        q = self.att_query(h)
+        weights = torch.softmax((q @ cond.transpose(1, 2).to(q.dtype)).float() / math.sqrt(cond.shape[-1]), dim=-1)
+        return out + self.att_out((weights.to(q.dtype) @ cond.to(q.dtype)))
 
     def read_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """What the LSTM reads of the conditioning (..., C) at each step."""
@@ -260,14 +282,14 @@ class LSTMDecoder(nn.Module):
             drop = torch.rand(prev.shape, device=prev.device) < self.word_dropout
             prev = torch.where(drop & (prev != BOS_ID), torch.full_like(prev, UNK_ID), prev)
         x = io.embed(prev)  # (B, n, E)
-        if cond is not None:
+        if cond is not None and self.cond_input != "none":
             x = torch.cat([x, self.read_cond(cond[:, :n]).to(x.dtype)], dim=2)
         return run_lstm(self.lstm, x, self.initial_state(cond))[0]
 
     def next_token_argmax(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
                           cond: torch.Tensor | None) -> torch.Tensor:
         """Under teacher forcing, the most likely token at each of the n positions (B, n)."""
-        return io.logits(self.proj(self.teacher_forced(io, tokens, lengths, cond))).argmax(-1)
+        return io.logits(self.features(self.teacher_forced(io, tokens, lengths, cond), cond)).argmax(-1)
 
     def log_likelihood(self, io: TokenIO, tokens: torch.Tensor, lengths: torch.Tensor,
                        cond: torch.Tensor | None) -> torch.Tensor:
@@ -277,15 +299,16 @@ class LSTMDecoder(nn.Module):
         mask = torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]  # (B, n)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(mask)[mask]
         # Logits only at the N scored positions (gathered before the 20k-wide output layer).
-        return tied_log_prob(io, self.proj(h[mask]), tokens[:, :n][mask], rows, tokens.shape[0])
+        features = self.features(h, cond)[mask] if self.attention else self.proj(h[mask])
+        return tied_log_prob(io, features, tokens[:, :n][mask], rows, tokens.shape[0])
 
-    def step(self, io: TokenIO, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
-        """One decoding step: prev (B,) ids, cond_t (B, C) → logits (B, V) fp32, new state."""
+    def step(self, io: TokenIO, prev: torch.Tensor, state, cond: torch.Tensor | None, t: int):
+        """Decoding step t: prev (B,) ids, cond (B, T, C) or None → logits (B, V) fp32, new state."""
         x = io.embed(prev[:, None])
-        if cond_t is not None:
-            x = torch.cat([x, self.read_cond(cond_t[:, None]).to(x.dtype)], dim=2)
+        if cond is not None and self.cond_input != "none":
+            x = torch.cat([x, self.read_cond(cond[:, t:t + 1]).to(x.dtype)], dim=2)
         h, state = run_lstm(self.lstm, x, state)
-        return io.logits(self.proj(h[:, 0])).float(), state
+        return io.logits(self.features(h, cond)[:, 0]).float(), state
 
 
 class TextModelMixin:
@@ -307,7 +330,7 @@ class TextModelMixin:
         """The LSTM decoder with the config's view of the conditioning (``decoder_input``, ``decoder_init``)."""
         c = self.cfg
         return LSTMDecoder(c.embedding_dim, cond_dim, c.hidden_size, c.word_dropout, c.decoder_input,
-                           c.decoder_init, c.decoder_gain)
+                           c.decoder_init, c.decoder_gain, c.decoder_attention)
 
     def initial_decoder_state(self, cond: torch.Tensor | None):
         """The LSTM state before the first token, from the whole conditioning (n, T, C); None = zeros."""
@@ -325,9 +348,9 @@ class TextModelMixin:
         """Predicted tokens per sentence, EOS included (a sentence of n words counts n + 1)."""
         return batch["length"].float()
 
-    def decode_step(self, prev: torch.Tensor, state, cond_t: torch.Tensor | None):
-        """One autoregressive step: prev (B,) ids, cond_t (B, C) or None → logits (B, V), state."""
-        return self.decoder.step(self.io, prev, state, cond_t)
+    def decode_step(self, prev: torch.Tensor, state, cond: torch.Tensor | None, t: int):
+        """Autoregressive step t: prev (B,) ids, cond (B, T, C) or None → logits (B, V), state."""
+        return self.decoder.step(self.io, prev, state, cond, t)
 
     def set_kl_weight(self, weight: float) -> None:
         self.kl_weight.fill_(float(weight))

@@ -12,8 +12,9 @@ KL_SCHEDULES = ("free-bits", "warmup")
 DEFAULT_KL_SCHEDULE = {"biva-lstm": "free-bits", "biva": "free-bits", "rnn-vae": "warmup", "lstm-lm": None,
                        "hybrid-vae": "warmup", "hybrid-vae-conv": "warmup"}
 # How the LSTM decoder reads its conditioning (BIVA's d_0, the RNN-VAE's z, the Hybrid VAE's
-# features) at every step, and how its state starts; the first of each is the original behaviour.
-DECODER_INPUTS = ("concat", "scaled", "normalised")
+# features) at every step ("none": not at all, only through attention or the initial state), and how
+# its state starts; the first of each is the original behaviour.
+DECODER_INPUTS = ("concat", "scaled", "normalised", "none")
 DECODER_INITS = ("zeros", "latents")
 TEXT_PRESETS = ("paper", "small", "tiny")
 TOKENIZERS = ("word", "unigram")

@@ -60,11 +60,16 @@ def parse_args(argv=None):
     m.add_argument("--decoder-input", choices=DECODER_INPUTS,
                    help="how the LSTM reads the latents' features at each step, beside the token embedding: "
                         "concat (as they are; the default of rnn-vae and hybrid-vae), scaled (times a learned "
-                        "gain; the default of biva-lstm, chosen by measurement, see the README) or normalised "
-                        "(layer norm over channels, then the gain)")
+                        "gain; the default of biva-lstm, chosen by measurement, see the README), normalised "
+                        "(layer norm over channels, then the gain) or none (not read at each step: needs "
+                        "--decoder-attention or --decoder-init latents)")
     m.add_argument("--decoder-init", choices=DECODER_INITS,
                    help="the LSTM's initial state: zeros (default) or latents (a linear map of the features "
                         "averaged over the sentence)")
+    m.add_argument("--decoder-attention", action="store_true", default=None,
+                   help="the LSTM's output also attends over the latents' features of the whole sentence "
+                        "(global attention, Luong et al. 2015), so it finds what they say by content, not "
+                        "only at its own position (default off)")
     m.add_argument("--decoder-gain", type=positive_float,
                    help="initial value of the learned gain of --decoder-input scaled/normalised (default 4, ours)")
     m.add_argument("--aux-weight", type=nonneg_float,
@@ -83,11 +88,14 @@ def parse_args(argv=None):
         p.error("--word-dropout must be below 1 (1 would hide every input word)")
     if args.model in NON_AUTOREGRESSIVE and args.word_dropout:
         p.error(f"{args.model} (no autoregression) has no decoder inputs to drop; drop --word-dropout")
-    view = [f for f in ("decoder_input", "decoder_init", "decoder_gain") if getattr(args, f) is not None]
+    view = [f for f in ("decoder_input", "decoder_init", "decoder_gain", "decoder_attention") if getattr(args, f) is not None]
     if view and args.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
         p.error(f"{args.model} has no LSTM reading latents; drop --{view[0].replace('_', '-')}")
+    if args.decoder_input == "none" and not args.decoder_attention and args.decoder_init != "latents":
+        p.error("--decoder-input none leaves the LSTM blind to the latents; add --decoder-attention or "
+                "--decoder-init latents")
     scaled_by_default = args.model in (None, "biva-lstm")  # biva-lstm's preset default is scaled
-    if args.decoder_gain is not None and (args.decoder_input == "concat" or (args.decoder_input is None and not scaled_by_default)):
+    if args.decoder_gain is not None and (args.decoder_input in ("concat", "none") or (args.decoder_input is None and not scaled_by_default)):
         p.error("--decoder-gain needs --decoder-input scaled or normalised")
     if args.aux_weight is not None and args.model != "hybrid-vae":
         p.error("--aux-weight is the hybrid-vae's auxiliary term; use it with --model hybrid-vae")
@@ -169,7 +177,8 @@ def main(argv=None) -> None:
     model_name = args.model or "biva-lstm"
     flags = {"model": args.model, "kl_schedule": args.kl_schedule, "kl_warmup_steps": args.kl_warmup_steps,
              "word_dropout": args.word_dropout, "decoder_input": args.decoder_input,
-             "decoder_init": args.decoder_init, "decoder_gain": args.decoder_gain, "aux_weight": args.aux_weight,
+             "decoder_init": args.decoder_init, "decoder_gain": args.decoder_gain,
+             "decoder_attention": args.decoder_attention, "aux_weight": args.aux_weight,
              "bow_weight": args.bow_weight, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
              "max_tokens": args.max_tokens,
              "dataset": data_cfg.dataset if (args.dataset or args.train_files) else None,
@@ -181,7 +190,7 @@ def main(argv=None) -> None:
         m = preset.model
         if args.word_dropout is not None:
             m.word_dropout = args.word_dropout
-        for name in ("decoder_input", "decoder_init", "decoder_gain"):
+        for name in ("decoder_input", "decoder_init", "decoder_gain", "decoder_attention"):
             if getattr(args, name) is not None:
                 setattr(m, name, getattr(args, name))
         if args.aux_weight is not None:
@@ -222,7 +231,7 @@ def main(argv=None) -> None:
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
                      "word_dropout": m.word_dropout, "decoder_input": m.decoder_input,
                      "decoder_init": m.decoder_init, "decoder_gain": m.decoder_gain,
-                     "aux_weight": m.hybrid.aux_weight if m.hybrid else None, "bow_weight": m.bow_weight,
+                     "decoder_attention": m.decoder_attention, "aux_weight": m.hybrid.aux_weight if m.hybrid else None, "bow_weight": m.bow_weight,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
                      "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
                      "train_files": data_cfg.train_files or None}

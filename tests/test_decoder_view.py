@@ -91,7 +91,7 @@ def test_step_by_step_decoding_scores_as_training_does(name, decoder_input, deco
     state, total = model.initial_decoder_state(cond), torch.zeros(2)
     prev = torch.full((2,), BOS_ID)
     for t in range(int(batch["length"].max())):
-        logits, state = model.decode_step(prev, state, cond[:, t])
+        logits, state = model.decode_step(prev, state, cond, t)
         lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
         total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
         prev = batch["tokens"][:, t]
@@ -166,3 +166,62 @@ def test_bag_of_words_ignores_word_order_and_padding():
     assert torch.allclose(base[1], probs[0, tokens[1, :n]].log().sum(), atol=1e-5)
     with pytest.raises(UserError, match="bow_weight"):
         build("rnn-vae", bow_weight=1.0)
+
+
+@pytest.mark.parametrize("name,decoder_input", [("biva-lstm", "scaled"), ("biva-lstm", "none"), ("hybrid-vae", "concat")])
+def test_attention_decodes_as_it_scores(name, decoder_input):
+    """--decoder-attention: step-by-step decoding (each step attending over the whole d_0) gives the
+    training likelihood, and the attention's layers are new parameters that learn."""
+    model = build(name, decoder_input=decoder_input, decoder_attention=True).eval()
+    assert {"decoder.att_query.weight", "decoder.att_out.weight"} <= set(model.state_dict())
+    batch = make_batch([5, 9], seed=3)
+    log_px = model(batch, HashedNoise(3, batch["index"])).log_px
+    cond = model.condition_posterior(batch, HashedNoise(3, batch["index"]))
+    state, total = model.initial_decoder_state(cond), torch.zeros(2)
+    prev = torch.full((2,), BOS_ID)
+    for t in range(int(batch["length"].max())):
+        logits, state = model.decode_step(prev, state, cond, t)
+        lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
+        total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
+        prev = batch["tokens"][:, t]
+    torch.testing.assert_close(log_px, total, rtol=1e-5, atol=1e-4)
+    model.train()
+    loss = training_loss(model, make_batch([4, 13, 2, 7], seed=1))
+    loss.backward()
+    assert model.decoder.att_query.weight.grad.abs().sum() > 0 and model.decoder.att_out.weight.grad.abs().sum() > 0
+
+
+def test_attention_reads_by_content_not_position():
+    """With decoder_input none the LSTM sees d_0 only through attention, which has no notion of position: the
+    likelihood is the same whatever the order of d_0's positions, and changes with another sentence's d_0.
+    With the positional input beside it (scaled), the order matters."""
+    batch = make_batch([6, 11, 3], seed=5)
+    tokens, lengths = None, batch["length"]
+    for decoder_input, order_matters in (("none", False), ("scaled", True)):
+        model = build(decoder_input=decoder_input, decoder_attention=True).eval()
+        tokens = model.padded_tokens(batch)
+        cond = model.condition_posterior(batch, HashedNoise(0, batch["index"]))  # (B, T, C)
+        base = model.decoder.log_likelihood(model.io, tokens, lengths, cond)
+        shuffled = model.decoder.log_likelihood(model.io, tokens, lengths, cond[:, torch.randperm(cond.shape[1])])
+        other = model.decoder.log_likelihood(model.io, tokens, lengths, cond.roll(1, dims=0))
+        assert (base - other).abs().min() > 1e-3
+        if order_matters:
+            assert (base - shuffled).abs().min() > 1e-4
+        else:
+            torch.testing.assert_close(base, shuffled, rtol=1e-5, atol=1e-4)
+
+
+def test_attention_round_trips_and_is_refused_where_it_cannot_apply():
+    model = build(decoder_attention=True)
+    cfg = from_dict(TextModelConfig, to_dict(model.cfg), "config.json model")
+    assert cfg.decoder_attention is True
+    old = to_dict(build().cfg)
+    old.pop("decoder_attention")  # a config.json written before the option: the decoder it had
+    assert from_dict(TextModelConfig, old, "config.json model").decoder_attention is False
+    with pytest.raises(RuntimeError):  # weights with attention do not load silently into a decoder without
+        build().load_state_dict(model.state_dict())
+    for name in ("lstm-lm", "biva", "hybrid-vae-conv"):
+        with pytest.raises(UserError, match="no LSTM"):
+            build(name, decoder_attention=True)
+    with pytest.raises(UserError, match="blind"):
+        build(decoder_input="none")

@@ -99,7 +99,8 @@ def test_conv_variant_predicts_from_the_features_alone():
 @pytest.fixture(scope="module")
 def hybrid_run(corpus):  # noqa: F811
     return train(corpus, "hybrid", "hybrid-vae", "--max-steps", "6", "--eval-every", "6", "--kl-warmup-steps", "3",
-                 "--aux-weight", "0.5", "--decoder-input", "normalised", "--decoder-init", "latents")
+                 "--aux-weight", "0.5", "--decoder-input", "normalised", "--decoder-init", "latents",
+                 "--decoder-attention")
 
 
 def test_training_and_every_text_script_work_on_a_hybrid_run(hybrid_run, tmp_path, capsys):
@@ -107,6 +108,7 @@ def test_training_and_every_text_script_work_on_a_hybrid_run(hybrid_run, tmp_pat
     m = config["model"]
     assert m["model"] == "hybrid-vae" and m["hybrid"]["aux_weight"] == 0.5 and m["ladder"] is None
     assert (m["decoder_input"], m["decoder_init"], m["kl_schedule"]) == ("normalised", "latents", "warmup")
+    assert m["decoder_attention"] is True  # and every script below decodes through the attention
     code, out, err = run_script("report_text", ["--run", str(hybrid_run), "--iw-samples", "8", "--max-sentences", "16"],
                                 capsys)
     assert code == 0, err
@@ -131,6 +133,9 @@ def test_conv_variant_trains_and_bad_hybrid_flags_fail(corpus, capsys):  # noqa:
     for argv, message in ((["--model", "hybrid-vae-conv", "--aux-weight", "0.1"], "--aux-weight"),
                           (["--model", "hybrid-vae-conv", "--word-dropout", "0.2"], "no autoregression"),
                           (["--model", "hybrid-vae-conv", "--decoder-input", "scaled"], "no LSTM"),
-                          (["--model", "rnn-vae", "--bow-weight", "1"], "--bow-weight")):
+                          (["--model", "rnn-vae", "--bow-weight", "1"], "--bow-weight"),
+                          (["--model", "lstm-lm", "--decoder-attention"], "no LSTM"),
+                          (["--decoder-input", "none"], "blind"),
+                          (["--decoder-input", "none", "--decoder-attention", "--decoder-gain", "2"], "--decoder-gain")):
         code, _, err = run_script("train_text", argv, capsys)
         assert code == 2 and message in err, (argv, err)

@@ -84,7 +84,7 @@ def test_teacher_forced_argmax_is_the_step_by_step_decoders():
         fast = model.decoder.next_token_argmax(model.io, tokens, lengths, cond)
         state, prev, slow = model.decoder.initial_state(cond), torch.full((4,), BOS_ID), []
         for t in range(int(lengths.max())):
-            logits, state = model.decoder.step(model.io, prev, state, cond[:, t])
+            logits, state = model.decoder.step(model.io, prev, state, cond, t)
             slow.append(logits.argmax(-1))
             prev = tokens[:, t]
     assert torch.equal(fast, torch.stack(slow, dim=1))

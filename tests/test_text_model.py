@@ -94,7 +94,7 @@ def test_teacher_forcing_equals_step_by_step_decoding(name):
     state, total = None, torch.zeros(2)
     prev = torch.full((2,), BOS_ID)
     for t in range(int(batch["length"].max())):
-        logits, state = model.decode_step(prev, state, None if cond is None else cond[:, t])
+        logits, state = model.decode_step(prev, state, cond, t)
         lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
         total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
         prev = batch["tokens"][:, t]
@@ -213,8 +213,8 @@ def _sequence_log_prob(model, rows: list[list[int]]) -> torch.Tensor:
     scores = []
     for row in rows:
         state, prev, total = None, torch.tensor([BOS_ID]), 0.0
-        for tok in row:
-            logits, state = model.decode_step(prev, state, None)
+        for t, tok in enumerate(row):
+            logits, state = model.decode_step(prev, state, None, t)
             total += float(torch.log_softmax(logits, -1)[0, tok])
             if tok == EOS_ID:
                 break
@@ -247,7 +247,7 @@ def test_beam_search_is_exact_when_wide_enough_and_greedy_is_the_argmax_path(see
     for t, tok in enumerate(greedy):
         if tok == PAD_ID:
             break
-        logits, state = model.decode_step(prev, state, None)
+        logits, state = model.decode_step(prev, state, None, t)
         logits[:, [PAD_ID, BOS_ID]] = float("-inf")
         assert tok == int(logits.argmax())
         prev = torch.tensor([tok])

@@ -124,7 +124,7 @@ def teacher_forced_log_prob(model, cond, tokens):
     state, total = None, torch.zeros(tokens.shape[0])
     alive = torch.ones(tokens.shape[0], dtype=torch.bool)
     for t in range(tokens.shape[1]):
-        logits, state = model.decode_step(prev, state, cond[:, t])
+        logits, state = model.decode_step(prev, state, cond, t)
         logits[:, [PAD_ID, BOS_ID]] = float("-inf")
         logp = torch.log_softmax(logits, -1).gather(1, tokens[:, t:t + 1])[:, 0]
         total += torch.where(alive, logp, torch.zeros_like(logp))
