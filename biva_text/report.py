@@ -159,6 +159,12 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
             hyps.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else [t for t in row if t != PAD_ID])
         tokens = model.padded_tokens(batch)
         refs += [t[:n - 1] for t, n in zip(tokens.tolist(), batch["length"].tolist())]  # without EOS
+    return {"reconstruction_gain": gain / max(count, 1), "unigram_overlap": own_and_other_overlap(hyps, refs, seed, others)}
+
+
+def own_and_other_overlap(hyps: list[list[int]], refs: list[list[int]], seed: int, others: int) -> dict:
+    """Mean ``unigram_overlap`` of each hypothesis with its own reference (``own``) and with ``others``
+    other references drawn at random (seeded; ``other``), and their ratio."""
     n = len(hyps)
     own = sum(unigram_overlap(h, r) for h, r in zip(hyps, refs)) / max(n, 1)
     rng = torch.Generator().manual_seed(seed)
@@ -169,9 +175,8 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
             other_sum += unigram_overlap(hyps[i], refs[(i + s) % n])
             other_count += 1
     other = other_sum / max(other_count, 1)
-    return {"reconstruction_gain": gain / max(count, 1),
-            "unigram_overlap": {"own": own, "other": other, "ratio": own / other if other > 0 else None,
-                                "sentences": n, "others_per_sentence": others}}
+    return {"own": own, "other": other, "ratio": own / other if other > 0 else None, "sentences": n,
+            "others_per_sentence": others}
 
 
 FREQUENT = 50  # teacher_forced_accuracy's "rare" tokens: outside the split's 50 most frequent
@@ -179,12 +184,15 @@ FREQUENT = 50  # teacher_forced_accuracy's "rare" tokens: outside the split's 50
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 64, max_examples: int | None = None,
-                            frequent: int = FREQUENT, device=None, progress: bool = True) -> dict | None:
+                            frequent: int = FREQUENT, others: int = 10, device=None, progress: bool = True) -> dict | None:
     """What the decoder gets from z, position by position: under teacher forcing (the true previous
     words), the share of words (EOS excluded) that are the decoder's most likely next token, with z
     from the posterior (one sample, seeded) and from the prior; ``rare``: only words outside the
     split's ``frequent`` most frequent tokens (content words rather than punctuation and function
-    words). None for a model without an LSTM decoder; for the LSTM LM both rows are its own."""
+    words); ``overlap``: those most likely tokens read as a sentence, scored like the greedy
+    reconstructions of ``reconstruction_stats`` (own / other sentences), so the two tell what z holds
+    from what free-running decoding keeps of it. None for a model without an LSTM decoder; for the
+    LSTM LM both rows are its own."""
     if not model.autoregressive:
         return None
     device = device or next(model.parameters()).device
@@ -199,6 +207,7 @@ def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 
     # all, of all, rare, of rare; a model without latents reads no z: one pass gives both rows
     names = ("posterior", "prior") if model.num_groups else ("posterior",)
     hits = {k: torch.zeros(4, dtype=torch.long) for k in names}
+    argmax_rows, refs = {k: [] for k in names}, []
     for batch in tqdm(loader, desc="teacher-forced accuracy", leave=False, disable=not progress):
         batch = _to(batch, device)
         tokens, lengths = model.padded_tokens(batch), batch["length"].long()
@@ -209,10 +218,14 @@ def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 
             noise = HashedNoise(seed if name == "posterior" else seed + 1, batch["index"])
             cond = (model.condition_posterior(batch, noise) if name == "posterior"
                     else model.condition_prior(tokens.shape[0], noise))
-            right = model.decoder.next_token_argmax(model.io, tokens, lengths, cond) == tokens[:, :n]
+            argmax = model.decoder.next_token_argmax(model.io, tokens, lengths, cond)
+            right = argmax == tokens[:, :n]
             hits[name] += torch.stack([(right & words).sum(), words.sum(), (right & rare).sum(), rare.sum()]).cpu()
+            argmax_rows[name] += [row[:m - 1] for row, m in zip(argmax.tolist(), lengths.tolist())]
+        refs += [row[:m - 1] for row, m in zip(tokens.tolist(), lengths.tolist())]
     rows = {name: {"all": int(h[0]) / max(int(h[1]), 1), "rare": int(h[2]) / max(int(h[3]), 1),
-                   "words": int(h[1]), "rare_words": int(h[3])} for name, h in hits.items()}
+                   "words": int(h[1]), "rare_words": int(h[3]),
+                   "overlap": own_and_other_overlap(argmax_rows[name], refs, seed, others)} for name, h in hits.items()}
     return {"posterior": rows["posterior"], "prior": rows.get("prior", rows["posterior"]), "frequent": frequent}
 
 

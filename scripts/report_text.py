@@ -111,6 +111,10 @@ def main(argv=None) -> dict:
         print(f"teacher-forced next-word accuracy, all words / outside the {t['frequent']} most frequent: "
               f"z ~ q {t['posterior']['all']:.1%} / {t['posterior']['rare']:.1%}, "
               f"z ~ p {t['prior']['all']:.1%} / {t['prior']['rare']:.1%}")
+        ratio = [t[k]["overlap"]["ratio"] for k in ("posterior", "prior")]
+        if None not in ratio and report["unigram_overlap"] is not None:  # the LM: no z, no greedy figure
+            print(f"the teacher-forced most likely words, read as a sentence, share {ratio[0]:.2f}x as many words "
+                  f"with their input as with other sentences (z ~ p {ratio[1]:.2f}x; greedy decoding's figure above)")
     print(f"wrote {out / f'report-{args.split}.json'}" + (f" and {args.json}" if args.json else ""))
     return report
 

@@ -107,3 +107,9 @@ def test_teacher_forced_accuracy_counts_words_and_rare_words():
     assert got["posterior"]["all"] < 1.0
     right = teacher_forced_accuracy(model, data, progress=False, frequent=3)
     assert right["posterior"]["all"] == 1.0 and right["prior"]["rare"] == 1.0
+    # ... read as sentences they are the inputs themselves: full overlap with their own, less with others'
+    for row in ("posterior", "prior"):
+        overlap = right[row]["overlap"]
+        assert overlap["own"] == 1.0 and 0.0 < overlap["other"] < 1.0 and overlap["ratio"] == 1.0 / overlap["other"]
+        assert overlap["sentences"] == 8
+    assert got["posterior"]["overlap"]["own"] < 1.0
