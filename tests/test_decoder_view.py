@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_text_model import MAX_TOKENS, V, make_batch
+from test_text_model import MAX_TOKENS, V, make_batch, step_by_step_log_px
 
 from biva_text.model import TextModelConfig, build_text_model
 from biva_text.presets import get_preset
-from biva_text.tokenizer import BOS_ID
 from shared.config import from_dict, to_dict
 from shared.distributions import HashedNoise
 from shared.errors import UserError
@@ -88,14 +87,7 @@ def test_step_by_step_decoding_scores_as_training_does(name, decoder_input, deco
     batch = make_batch([5, 9], seed=3)
     log_px = model(batch, HashedNoise(3, batch["index"])).log_px
     cond = model.condition_posterior(batch, HashedNoise(3, batch["index"]))
-    state, total = model.initial_decoder_state(cond), torch.zeros(2)
-    prev = torch.full((2,), BOS_ID)
-    for t in range(int(batch["length"].max())):
-        logits, state = model.decode_step(prev, state, cond, t)
-        lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
-        total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
-        prev = batch["tokens"][:, t]
-    torch.testing.assert_close(log_px, total, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(log_px, step_by_step_log_px(model, batch, cond), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("decoder_input,decoder_init", OPTIONS)
@@ -177,14 +169,7 @@ def test_attention_decodes_as_it_scores(name, decoder_input):
     batch = make_batch([5, 9], seed=3)
     log_px = model(batch, HashedNoise(3, batch["index"])).log_px
     cond = model.condition_posterior(batch, HashedNoise(3, batch["index"]))
-    state, total = model.initial_decoder_state(cond), torch.zeros(2)
-    prev = torch.full((2,), BOS_ID)
-    for t in range(int(batch["length"].max())):
-        logits, state = model.decode_step(prev, state, cond, t)
-        lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
-        total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
-        prev = batch["tokens"][:, t]
-    torch.testing.assert_close(log_px, total, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(log_px, step_by_step_log_px(model, batch, cond), rtol=1e-5, atol=1e-4)
     model.train()
     loss = training_loss(model, make_batch([4, 13, 2, 7], seed=1))
     loss.backward()

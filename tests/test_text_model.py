@@ -91,14 +91,21 @@ def test_teacher_forcing_equals_step_by_step_decoding(name):
     noise = HashedNoise(3, batch["index"])
     log_px = model(batch, noise).log_px
     cond = model.condition_posterior(batch, HashedNoise(3, batch["index"]))
-    state, total = None, torch.zeros(2)
-    prev = torch.full((2,), BOS_ID)
+    torch.testing.assert_close(log_px, step_by_step_log_px(model, batch, cond), rtol=1e-5, atol=1e-4)
+
+
+def step_by_step_log_px(model, batch: dict, cond) -> torch.Tensor:
+    """Σ_t log p(token_t | tokens_<t, cond) (B,) from ``decode_step`` one token at a time, from the
+    decoder's initial state, counting EOS and nothing after it."""
+    B = batch["length"].shape[0]
+    state, total = model.initial_decoder_state(cond), torch.zeros(B)
+    prev = torch.full((B,), BOS_ID)
     for t in range(int(batch["length"].max())):
         logits, state = model.decode_step(prev, state, cond, t)
         lp = torch.log_softmax(logits, -1).gather(1, batch["tokens"][:, t:t + 1]).squeeze(1)
         total += torch.where(t < batch["length"], lp, torch.zeros_like(lp))
         prev = batch["tokens"][:, t]
-    torch.testing.assert_close(log_px, total, rtol=1e-5, atol=1e-4)
+    return total
 
 
 def test_non_autoregressive_biva_scores_the_padding():
