@@ -255,8 +255,9 @@ class LSTMDecoder(nn.Module):
         if not self.attention or cond is None:
             return out
         q = self.att_query(h)
-        weights = torch.softmax((q @ cond.transpose(1, 2).to(q.dtype)).float() / math.sqrt(cond.shape[-1]), dim=-1)
-        return out + self.att_out((weights.to(q.dtype) @ cond.to(q.dtype)))
+        cond = cond.to(q.dtype)
+        weights = torch.softmax((q @ cond.transpose(1, 2)).float() / math.sqrt(cond.shape[-1]), dim=-1)
+        return out + self.att_out(weights.to(q.dtype) @ cond)
 
     def read_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """What the LSTM reads of the conditioning (..., C) at each step."""
