@@ -103,6 +103,10 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     t = p.add_argument_group("training (defaults come from the preset)")
     t.add_argument("--max-steps", type=positive_int, help="optimiser steps to train for (skipped updates do not count)")
     t.add_argument("--epochs", type=positive_int, help="epochs to train for, when --max-steps is not given")
+    t.add_argument("--max-minutes", type=positive_float,
+                   help="also stop, as at the last step (checkpoint, final validation, export), once the run has "
+                        "trained this many minutes of wall-clock time, validation and checkpoints included and "
+                        "earlier sessions of a resumed run counted (default: no limit)")
     t.add_argument("--batch-size", type=positive_int, help="global batch per optimiser step (over processes x --grad-accum)")
     t.add_argument("--grad-accum", type=positive_int, help="gradient accumulation steps")
     t.add_argument("--lr", type=positive_float, help="Adamax learning rate")

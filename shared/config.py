@@ -108,6 +108,7 @@ class TrainConfig:
 
     max_steps: int | None = None  # optimiser steps (skipped updates do not count)
     epochs: int | None = None  # used when max_steps is None
+    max_minutes: float | None = None  # wall-clock limit of training over all sessions of the run (None: none)
     batch_size: int = 48  # global batch per optimiser step, over processes x grad_accum
     grad_accum: int = 1
     lr: float = 2e-3

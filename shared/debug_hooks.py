@@ -4,12 +4,13 @@ The fault and multi-process tests drive the real training scripts as subprocesse
 need are injected from the environment:
 
 ``BIVA_FAULTS``: comma-separated ``KIND@N`` or ``KIND@N:RANK`` (only on process RANK). N counts update
-attempts (1-based, skipped ones included) for the first four, optimiser steps for the kills.
+attempts (1-based, skipped ones included) for the first five, optimiser steps for the kills.
 
 - ``nan-loss@N``: the loss of attempt N is NaN
 - ``big-grad@N``: the loss of attempt N is scaled by 1e6 (finite, with a huge gradient norm)
 - ``nan-grad@N``: a finite loss whose gradient gets a NaN entry (a non-finite norm)
 - ``sigterm@N``: the process sends itself SIGTERM as attempt N starts (a scheduler's preemption)
+- ``out-of-time@N``: from attempt N on, the process's clock finds --max-minutes used up
 - ``kill-saved@N``: SIGKILL while checkpointing step N, after the state is written to the temporary
   folder and before the rename
 - ``kill-renamed@N``: SIGKILL after checkpoint N is renamed into place, before the weights are exported
@@ -37,7 +38,7 @@ import signal
 import time
 from pathlib import Path
 
-KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
+KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "out-of-time", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
          "enospc-export", "enospc-metrics")
 
 

@@ -398,6 +398,8 @@ class Trainer:
             print(f"validation: a fixed subset of {subset['size']} of {subset['of']} examples drawn with eval_seed "
                   f"{subset['seed']}" + (", stratified by class" if subset["stratified"] else ""), file=sys.stderr)
         self.resumed_from: int | None = None
+        # --max-minutes: training time of earlier sessions of this run (from the checkpoint) + this one's
+        self._seconds_before, self._clock = 0.0, None
         self.exported_step: int | None = None  # whose EMA weights model.safetensors holds, once known
         if resume:
             self._resume()
@@ -518,7 +520,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         return {"train": vars(self.state), "free_bits": self.free_bits.state_dict(),
-                "log_window": self.window.state_dict(), "metrics_bytes": rd.metrics_size(self.output_dir),
+                "log_window": self.window.state_dict(), "train_seconds": self.train_seconds,
+                "metrics_bytes": rd.metrics_size(self.output_dir),
                 "model": self.run.model, "modality": self.run.modality}
 
     def save_checkpoint(self) -> Path:
@@ -638,6 +641,7 @@ class Trainer:
                             + "); remove that folder to start the run over, or choose a new --output-dir")
         self.state = TrainState(**state["train"])
         self.free_bits.load_state_dict(state["free_bits"])
+        self._seconds_before = float(state.get("train_seconds", 0.0))  # absent before --max-minutes existed
         if "log_window" in state:
             self.window.load_state_dict(state["log_window"])
         self.resumed_from = step
@@ -775,9 +779,10 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGTERM)
         lam = self.free_bits.per_group
         A = len(micro_batches)
-        # Local sums: bad-update flag, stop flag, loss, elbo, kl per group (G)[, cross-entropy, accuracy]
+        # Local sums: bad-update flag, stop flag, loss, elbo, kl per group (G)[, cross-entropy, accuracy],
+        # time-limit flag (the last)
         G = self.raw_model.num_groups
-        local = torch.zeros(4 + G + (2 if self.semi else 0), dtype=torch.float64, device=acc.device)
+        local = torch.zeros(5 + G + (2 if self.semi else 0), dtype=torch.float64, device=acc.device)
         for j, batch in enumerate(micro_batches):
             if self.semi:  # the unwrapped model, outside DDP: gradients are averaged below
                 sync = contextlib.nullcontext()
@@ -805,7 +810,7 @@ class Trainer:
                 continue
             local[3] += out.bound().detach().double().mean() / A
             if out.kl.shape[1]:
-                local[4:] += out.kl.detach().double().mean(0) / A
+                local[4:4 + G] += out.kl.detach().double().mean(0) / A
         if self.semi:
             self._average_gradients()
         if fault("nan-grad", attempt):
@@ -817,6 +822,8 @@ class Trainer:
         if cfg.skip_threshold is not None:
             local[0] += norm > cfg.skip_threshold
         local[1] = 1.0 if self._stop_signal else 0.0
+        # Each process reads its own clock; the sum decides for all.
+        local[-1] = 1.0 if self._out_of_time() or fault.full_since("out-of-time", attempt) else 0.0
         # One collective: every process takes the same decision (skip, stop), even where a fault is seen by
         # one process only, and logs the figures of the whole global batch, not just its own share.
         world = acc.num_processes
@@ -838,11 +845,12 @@ class Trainer:
         self.state.batch_in_epoch += 1
         self.state.examples_seen += cfg.batch_size
         stop = figures[1] > 0
+        out_of_time = figures[-2] > 0
         if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
         result = {"loss": figures[2] / world, "elbo": figures[3] / world,
                   "kl_per_group": [v / world for v in figures[4:4 + G]], "grad_norm": grad_norm, "skipped": not ok,
-                  "stop": stop}
+                  "stop": stop, "out_of_time": out_of_time}
         if self.semi:
             self.state.labelled_batch_in_epoch += 1
             result.update(cross_entropy=figures[4 + G] / world, accuracy=figures[5 + G] / world)
@@ -867,12 +875,29 @@ class Trainer:
         self.window = LogWindow()
         return record
 
+    @property
+    def train_seconds(self) -> float:
+        """Wall-clock seconds this run has trained, over all its sessions (validation and checkpoints
+        included; start-up and data preparation not)."""
+        return self._seconds_before + (time.monotonic() - self._clock if self._clock is not None else 0.0)
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_minutes is not None and self.train_seconds >= 60.0 * self.cfg.max_minutes
+
     def fit(self) -> dict:
         """Train to ``total_steps``. Validation, logging and checkpoints follow the step grid
         (``eval_every``, ``log_every``, ``save_every``) and a checkpoint is saved at the last step;
         what an off-grid last step adds (a partial train record, a final validation) comes after
-        that checkpoint, so a run resumed from it writes exactly what an uninterrupted run writes."""
+        that checkpoint, so a run resumed from it writes exactly what an uninterrupted run writes.
+
+        With ``max_minutes`` the run also ends, the same way, after the first step that finds the time
+        used up on any process (every process stops at that step); a resumed run counts its earlier
+        sessions' time too, so resuming one that ran out of time trains no further."""
         cfg = self.cfg
+        self._clock = time.monotonic()
+        out_of_time = cfg.max_minutes is not None and self._seconds_before >= 60.0 * cfg.max_minutes  # resumed
+        if out_of_time:
+            self.total_steps = min(self.total_steps, self.state.step)
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         noise = TrainNoise()
         self.model.train()
@@ -892,6 +917,9 @@ class Trainer:
                         tqdm.write(f"--compile: the first step, compilation included, took "
                                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
                 step = self.state.step
+                if result["out_of_time"] and step < self.total_steps:
+                    out_of_time, self.total_steps = True, step  # this step is the last: saved below
+                    bar.total = step
                 if result["skipped"]:
                     self.log({"step": step, "event": "skipped_update", "grad_norm": result["grad_norm"],
                               "loss": result["loss"], "skipped_in_row": self.state.skipped_in_row,
@@ -901,6 +929,8 @@ class Trainer:
                             f"stopped: {self.state.skipped_in_row} updates in a row had a non-finite loss or a "
                             f"gradient norm above the threshold (--max-skips {cfg.max_skips}); the last good "
                             f"checkpoint is intact: resume it with a lower --lr or a --grad-clip")
+                    if out_of_time and step == self.total_steps:
+                        self.save_checkpoint()  # the time ran out on a skipped update
                 else:
                     self.window.add(result)
                     bar.update(1)
@@ -919,6 +949,9 @@ class Trainer:
             if self.window.count:
                 self._log_train(t0, steps0)
             step = self.state.step
+            if out_of_time and self.is_main:
+                tqdm.write(f"--max-minutes {cfg.max_minutes:g}: the time was used up at step {step} "
+                           f"({self.train_seconds / 60:.1f} minutes of training)", file=sys.stderr)
             if last_record is None or last_record["step"] != step:
                 # Logged only off the grid: on it, the record is already in the log (maybe from before a resume).
                 last_record = self.validate(final=True, log=step % cfg.eval_every != 0)

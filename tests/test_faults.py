@@ -241,3 +241,33 @@ def test_retention_keeps_the_last_n_and_exports_the_latest(tmp_path):
     trainer.fit()
     assert seen == [([1], True), ([1, 2], True), ([2, 3], True), ([3, 4], True), ([4, 5], True)]
     assert not list((out / "checkpoints").glob(".tmp_*"))
+
+
+# ------------------------------------------------------------------------------------ --max-minutes
+
+
+def test_max_minutes_ends_the_run_as_its_last_step_would(tmp_path):
+    """Out of time after step 4 of 6: checkpoint, final validation and export as a 4-step run's."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    trainer = make_trainer(out, max_minutes=1000.0)
+    trainer.faults = Faults(0, "out-of-time@4")
+    assert trainer.fit()["step"] == 4
+    make_trainer(ref, max_steps=4).fit()
+    assert checkpoint_steps(out) == checkpoint_steps(ref) == [3, 4] and exported_is_latest(out)
+    assert without_timing(metrics(out)) == without_timing(metrics(ref))
+    assert metrics(out)[-1]["split"] == "valid" and metrics(out)[-1]["step"] == 4
+    assert_same_tensors(out / "model.safetensors", ref / "model.safetensors")
+    state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["train_seconds"] > 0
+
+
+def test_max_minutes_counts_earlier_sessions_on_resume(tmp_path):
+    out = tmp_path / "run"
+    assert make_trainer(out, max_minutes=1e-9).fit()["step"] == 1  # the real clock: time is up after one step
+    kept = snapshot(out / "checkpoints")
+    assert checkpoint_steps(out) == [1]
+    again = make_trainer(out, resume=True, max_minutes=1e-9)
+    assert again.train_seconds > 0  # the first session's time, from the checkpoint
+    assert again.fit()["step"] == 1 and snapshot(out / "checkpoints") == kept  # trains no further
+    longer = make_trainer(out, resume=True, max_minutes=1000.0)  # a larger limit continues the run
+    assert longer.fit()["step"] == 6 and checkpoint_steps(out) == [1, 3, 6]

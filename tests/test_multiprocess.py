@@ -1,7 +1,7 @@
 """Two processes on the CPU (torchrun, gloo): every rank holds the same weights, EMA, free-bits budget
 and data position; validation over an odd-sized set equals the single-process figure on the same
-weights; a fault or a SIGTERM seen by one rank only is acted on by both at the same update; and a
-checkpoint written by two processes resumes in one."""
+weights; a fault, a SIGTERM or the end of --max-minutes seen by one rank only is acted on by both at
+the same update; and a checkpoint written by two processes resumes in one."""
 import json
 import re
 import subprocess
@@ -95,24 +95,27 @@ def test_text_two_processes_agree(tmp_path):
     files = text_files(tmp_path / "text")
     out = tmp_path / "run"
     flags = [*text_flags(files, tmp_path / "cache"), "--output-dir", out, "--max-steps", 10, "--batch-size", 8,
-             "--eval-every", 5, "--save-every", 5, "--free-bits-patience", 1, "--free-bits-threshold", 1000,
-             "--eval-examples", 25]  # a seeded subset of the 31: every rank must draw the same one
-    # Rank 1 alone sees a NaN in its (already synchronised) gradient on the 3rd update.
-    env = script_env(BIVA_FAULTS="nan-grad@3:1", BIVA_DUMP_DIR=tmp_path / "dump")
+             "--eval-every", 4, "--save-every", 5, "--free-bits-patience", 1, "--free-bits-threshold", 1000,
+             "--eval-examples", 25,  # a seeded subset of the 31: every rank must draw the same one
+             "--max-minutes", 1000]
+    # Rank 1 alone sees a NaN in its (already synchronised) gradient on the 3rd update, and its clock
+    # alone finds --max-minutes used up from the 9th update on (step 8): both ranks end the run there.
+    env = script_env(BIVA_FAULTS="nan-grad@3:1,out-of-time@9:1", BIVA_DUMP_DIR=tmp_path / "dump")
     p = torchrun("train_text.py", *flags, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("--max-minutes 1000: the time was used up at step 8") == 1  # the main process says it
     state = assert_ranks_agree(tmp_path / "dump")
-    assert state["train"]["step"] == 10 and state["train"]["skipped_total"] == 1
+    assert state["train"]["step"] == 8 and state["train"]["skipped_total"] == 1
     assert state["free_bits"]["budget"] < 2.0
     records = metrics(out)
     assert [r["step"] for r in records if r.get("event") == "skipped_update"] == [2]
 
     valid = [r for r in records if r.get("split") == "valid"]
-    assert [r["step"] for r in valid] == [5, 10] and valid[-1]["num_examples"] == 25
+    assert [r["step"] for r in valid] == [4, 8] and valid[-1]["num_examples"] == 25
     from biva_text.data import TextDataset
     from biva_text.report import load_text_run, load_text_split
 
-    run, model, _ = load_text_run(out)  # the exported EMA weights of step 10
+    run, model, _ = load_text_run(out)  # the exported EMA weights of step 8
     split = load_text_split(run, out, "valid")
     single = evaluate(model, TextDataset(split), batch_size=5, seed=run.train.eval_seed, max_examples=25,
                       progress=False)

@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from script_utils import TORCHRUN, image_folder, load_script, metrics, run_main, script_env, without_timing
 from test_faults import assert_close, assert_same_tensors
 from test_multiprocess import assert_ranks_agree, torchrun

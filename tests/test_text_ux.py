@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -13,7 +12,7 @@ from script_utils import run_main as run_script
 from test_text_scripts import biva_run, corpus, vae_run  # noqa: F401  (module fixtures: tiny runs)
 
 from biva_text.decode import (DecodeOptions, encode_sentences, generate, generate_n_best, interpolation_latents,
-                              length_normalizer, posterior_stats, to_text)
+                              length_normalizer, to_text)
 from biva_text.report import load_text_run
 from biva_text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from shared.distributions import HashedNoise
