@@ -3,12 +3,14 @@
 
     python benchmarks/text_quality.py --fetch                  # five models, the small preset, ~2-3 h on 2 CPUs
     python benchmarks/text_quality.py --steps 300 --iw-samples 20 --out-dir /tmp/tq   # a quick look
+    python benchmarks/text_quality.py --preset paper --models biva-lstm --minutes 8 --data data/austen \
+        --iw-samples 100 --out-dir runs/gpu-tq --json $OUT/text_quality.json     # the GPU check: see below
 
 The text is Jane Austen's six novels (31,438 sentences; benchmarks/real_text.py unpacks them from
 Debian's r-cran-janeaustenr with --fetch), tokenised like BookCorpus and split 1000/1000 sentences for
 validation/test; the paper's filter (at most 40 pieces) and the word tokenizer (the default 20,000
 pieces asked; the corpus supports fewer) apply as in any run. Every model is trained with
-scripts/train_text.py --preset small and nothing else but the data and --max-steps: the preset's own
+scripts/train_text.py --preset small (or --preset) and nothing else but the data and --max-steps: the preset's own
 schedule (free bits on plateau for BIVA, KL warm-up for the RNN-VAE and the Hybrid VAE), batch,
 learning rate and evaluation grid, the same number of optimiser steps for all. Each is then reported
 with scripts/report_text.py on the test split.
@@ -21,6 +23,14 @@ rnn-vae's and hybrid-vae's, reconstructions sharing >= 2x as many words with the
 other sentences. Exit status 1 when a check fails. Runs, data and OUT_DIR/text_quality.json go to
 --out-dir; a finished run (and its test report, when made at the same step and K) is reused unless
 --retrain.
+
+--minutes M trains every model for M minutes of wall-clock time (train_text.py --max-minutes) instead
+of a number of steps (--steps, if given, still caps them); the models then get the same time, not the
+same steps, and the figures depend on the machine. --preset paper with --minutes is issue 8's GPU
+check, the paper-sized biva-lstm on real sentences for a fixed time: --data points at the splits
+(train.txt, valid.txt, test.txt) this script wrote before (OUT_DIR/data), since a lent GPU machine
+reaches no package registry. On Jane Austen's 23,551 training sentences (46 batches of 512) the paper's
+model sees many epochs in minutes: expect it to overfit, and read its figures with that in mind.
 """
 from __future__ import annotations
 
@@ -32,18 +42,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.cli import ArgumentParser, positive_int  # noqa: E402
+from shared.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
 
 MODELS = ("lstm-lm", "rnn-vae", "hybrid-vae", "biva-lstm", "biva")
-PRESET = "small"
+UNBOUNDED_STEPS = 10**9  # with --minutes and no --steps: the time decides
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("runs/text-quality"), help="runs, data and results (default runs/text-quality)")
-    p.add_argument("--steps", type=positive_int, help="optimiser steps of every model (default: the small preset's max_steps)")
+    p.add_argument("--preset", choices=("small", "paper", "tiny"), default="small",
+                   help="the text preset every model is trained with (default small, the CPU benchmark)")
+    p.add_argument("--steps", type=positive_int, help="optimiser steps of every model (default: the preset's max_steps)")
+    p.add_argument("--minutes", type=positive_float,
+                   help="train every model for this many minutes instead (a cap on steps only with --steps)")
+    p.add_argument("--data", type=Path,
+                   help="a folder with train.txt, valid.txt and test.txt to use instead of Jane Austen's novels")
+    p.add_argument("--device", default="auto", help="device of the test reports: auto, cpu, cuda (default auto)")
     p.add_argument("--iw-samples", type=positive_int, default=200, help="K of the test L_K (default 200)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models (default all five)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
@@ -70,6 +87,11 @@ def load_script(name: str):
 def prepare_data(args) -> Path:
     import real_text
 
+    if args.data is not None:
+        missing = [s for s in ("train", "valid", "test") if not (args.data / f"{s}.txt").is_file()]
+        if missing:
+            raise UserError(f"--data {args.data} lacks {', '.join(s + '.txt' for s in missing)}")
+        return args.data
     data = args.out_dir / "data"
     if all((data / f"{s}.txt").is_file() for s in ("train", "valid", "test")):
         return data
@@ -86,11 +108,19 @@ def prepare_data(args) -> Path:
     return data
 
 
-def finished(run: Path, steps: int) -> bool:
+def finished(run: Path, steps: int | None, minutes: float | None) -> int | None:
+    """The step a finished run ended at (its steps done, or its minutes used up), else None."""
     from shared.run_dir import latest_checkpoint
 
     latest = latest_checkpoint(run) if (run / "config.json").is_file() else None
-    return latest is not None and latest[0] >= steps
+    if latest is None:
+        return None
+    step, path = latest
+    if steps is not None and step >= steps:
+        return step
+    if minutes is not None and json.loads((path / "trainer_state.json").read_text()).get("train_seconds", 0) >= 60 * minutes:
+        return step
+    return None
 
 
 def cached_report(run: Path, steps: int, iw_samples: int) -> dict | None:
@@ -143,10 +173,14 @@ def main(argv=None) -> dict:
     import torch
 
     from biva_text.presets import get_preset
-    from shared.run_dir import read_metrics
+    from shared.run_dir import latest_checkpoint, read_metrics
 
     torch.set_num_threads(args.threads)
-    steps = args.steps or get_preset(PRESET).train.max_steps
+    steps = args.steps or (None if args.minutes else get_preset(args.preset).train.max_steps)
+    budget = ["--max-steps", str(steps or UNBOUNDED_STEPS)]
+    if args.minutes:
+        budget += ["--max-minutes", str(args.minutes)]
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
     args.out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
     train_text, report_text = load_script("train_text"), load_script("report_text")
@@ -164,19 +198,23 @@ def main(argv=None) -> dict:
             import shutil
 
             shutil.rmtree(run)
-        common = ["--preset", PRESET, "--model", model, "--train-files", str(data / "train.txt"),
+        common = ["--preset", args.preset, "--model", model, "--train-files", str(data / "train.txt"),
                   "--valid-files", str(data / "valid.txt"), "--test-files", str(data / "test.txt"),
-                  "--max-steps", str(steps), "--output-dir", str(run), "--cache-dir", str(args.out_dir / "cache")]
+                  *budget, "--output-dir", str(run), "--cache-dir", str(args.out_dir / "cache")]
         start = time.time()
-        if not finished(run, steps):
-            print(f"training {name} ({model}) for {steps} steps -> {run}", file=sys.stderr)
+        end = finished(run, steps, args.minutes)
+        if end is None:
+            print(f"training {name} ({model}) for {' and at most '.join(filter(None, [steps and f'{steps} steps', args.minutes and f'{args.minutes:g} minutes']))} -> {run}", file=sys.stderr)
             resume = ["--resume"] if (run / "config.json").is_file() else []
             train_text.main(common + flags + resume)
+            end = latest_checkpoint(run)[0]  # the last step is always checkpointed
         seconds[name] = time.time() - start
-        reports[name] = cached_report(run, steps, args.iw_samples) or report_text.main(
-            ["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", "cpu"])
+        reports[name] = cached_report(run, end, args.iw_samples) or report_text.main(
+            ["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", device])
 
-    print(f"\nTable 7 shape, Jane Austen test split, preset {PRESET}, {steps} steps each "
+    corpus = "Jane Austen" if args.data is None else str(args.data)
+    each = f"{steps} steps each" if not args.minutes else f"{args.minutes:g} minutes each" + (f" (at most {steps} steps)" if steps else "")
+    print(f"\nTable 7 shape, {corpus} test split, preset {args.preset}, {each} "
           f"(-log p(x) in nats per sentence; AU: active units / units; overlap: own / other sentences; "
           f"next word: teacher-forced accuracy with z ~ q, all words / outside the 50 most frequent)")
     print("| model | params | -log p(x) ≤ -L_1 | ≤ -L_K | KL | PPL (L_1) | AU | rec. gain | overlap | next word |")
@@ -193,7 +231,8 @@ def main(argv=None) -> dict:
         if events:
             schedules[name] = events
             print(f"{name}: free-bits budget changes: " + ", ".join(f"step {e['step']}: {e['budget']:g}" for e in events))
-    summary = {"settings": {"steps": steps, "preset": PRESET, "iw_samples": args.iw_samples, "threads": args.threads,
+    summary = {"settings": {"steps": steps, "minutes": args.minutes, "preset": args.preset, "data": corpus,
+                            "iw_samples": args.iw_samples, "threads": args.threads, "device": device,
                             "extra": args.extra},
                "reports": reports, "train_seconds": seconds, "free_bits_changes": schedules,
                "checks": [{"what": w, "passed": ok, "figures": f} for w, ok, f in results]}

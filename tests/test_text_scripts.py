@@ -20,6 +20,7 @@ from script_utils import load_script as script
 from script_utils import run_main as run_script
 
 from shared.config import RunConfig, TrainConfig, write_json_atomic
+from shared.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ADJ = "big small red blue old young happy sad".split()
@@ -349,3 +350,43 @@ def test_the_free_bits_schedule_runs_only_for_models_with_latents(corpus, model,
                 "--free-bits-patience", "1", "--free-bits-threshold", "1000")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "free_bits" for r in records) == events
+
+
+def test_text_quality_benchmark_trains_each_model_for_minutes_on_given_splits(corpus, tmp_path, capsys):
+    """Issue 8's prepared GPU check (benchmarks/text_quality.py --minutes M --data DIR), on the CPU at the
+    tiny preset: the run ends on time, not on its (unbounded) steps, is reported on the test split,
+    and a second call reuses the finished run and its report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_text_quality", ROOT / "benchmarks" / "text_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, summary = tmp_path / "tq", tmp_path / "tq.json"
+    argv = ["--preset", "tiny", "--models", "biva-lstm", "--minutes", "0.04", "--data", str(corpus.root),
+            "--iw-samples", "2", "--threads", "1", "--out-dir", str(out), "--json", str(summary)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the toy corpus cannot fill 20k pieces
+        with pytest.raises(SystemExit):  # the overlap check cannot pass on a 3-second model
+            bench.main(argv)
+    said = capsys.readouterr()
+    assert "training biva-lstm (biva-lstm) for 0.04 minutes" in said.err
+    assert "--max-minutes 0.04: the time was used up at step" in said.err
+    result = json.loads(summary.read_text())
+    assert result["settings"]["minutes"] == 0.04 and result["settings"]["preset"] == "tiny"
+    assert result["settings"]["data"] == str(corpus.root) and result["settings"]["device"] == "cpu"
+    run = out / "biva-lstm"
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert config["max_minutes"] == 0.04 and config["max_steps"] == bench.UNBOUNDED_STEPS
+    report = result["reports"]["biva-lstm"]
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert report["step"] == steps[-1] > 0 and report["iw_samples"] == 2
+    state = json.loads((run / "checkpoints" / f"step_{steps[-1]}" / "trainer_state.json").read_text())
+    assert 0.04 * 60 <= state["train_seconds"] < 60  # ended by the clock, soon after the limit
+    assert "Table 7 shape, " + str(corpus.root) + " test split, preset tiny, 0.04 minutes each" in said.out
+
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    again = capsys.readouterr()
+    assert "training biva-lstm" not in again.err and json.loads(summary.read_text())["reports"] == result["reports"]
+    with pytest.raises(UserError, match="lacks train.txt"):
+        bench.main([*argv[:7], str(tmp_path), *argv[8:]])
