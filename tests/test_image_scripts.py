@@ -329,9 +329,11 @@ def test_a_recorded_relative_data_folder_that_moved_asks_for_data_dir(world, tmp
     moved = tmp_path / "moved-run"
     shutil.copytree(world["run"], moved)
     config = json.loads((moved / "config.json").read_text())
-    config["data"]["data_dir"] = "data"  # as saved by a run started with a relative --data-dir elsewhere
+    # as saved by a run started with a relative --data-dir elsewhere (a name no checkout holds: a user's
+    # own data/ folder beside the tests must not make the recorded path resolve)
+    config["data"]["data_dir"] = "data-of-a-run-started-elsewhere"
     (moved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="recorded image folder data .*pass --data-dir"):
+    with pytest.raises(UserError, match="recorded image folder data-of-a-run-started-elsewhere .*pass --data-dir"):
         reconstruct_image.main(["--run", str(moved), "--split", "test"])
     out = reconstruct_image.main(["--run", str(moved), "--split", "test", "--data-dir", str(world["data"]),
                                   "--num", "2", "--out", str(tmp_path / "r.png")])
