@@ -118,7 +118,8 @@ def finished(run: Path, steps: int | None, minutes: float | None) -> int | None:
     step, path = latest
     if steps is not None and step >= steps:
         return step
-    if minutes is not None and json.loads((path / "trainer_state.json").read_text()).get("train_seconds", 0) >= 60 * minutes:
+    trained = json.loads((path / "trainer_state.json").read_text()).get("train_seconds", 0)
+    if minutes is not None and trained >= 60 * minutes:
         return step
     return None
 
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     budget = ["--max-steps", str(steps or UNBOUNDED_STEPS)]
     if args.minutes:
         budget += ["--max-minutes", str(args.minutes)]
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
     train_text, report_text = load_script("train_text"), load_script("report_text")
@@ -204,7 +205,8 @@ def main(argv=None) -> dict:
         start = time.time()
         end = finished(run, steps, args.minutes)
         if end is None:
-            print(f"training {name} ({model}) for {' and at most '.join(filter(None, [steps and f'{steps} steps', args.minutes and f'{args.minutes:g} minutes']))} -> {run}", file=sys.stderr)
+            limits = [f"{steps} steps" if steps else "", f"{args.minutes:g} minutes" if args.minutes else ""]
+            print(f"training {name} ({model}) for {' and at most '.join(filter(None, limits))} -> {run}", file=sys.stderr)
             resume = ["--resume"] if (run / "config.json").is_file() else []
             train_text.main(common + flags + resume)
             end = latest_checkpoint(run)[0]  # the last step is always checkpointed
@@ -213,7 +215,8 @@ def main(argv=None) -> dict:
             ["--run", str(run), "--iw-samples", str(args.iw_samples), "--device", device])
 
     corpus = "Jane Austen" if args.data is None else str(args.data)
-    each = f"{steps} steps each" if not args.minutes else f"{args.minutes:g} minutes each" + (f" (at most {steps} steps)" if steps else "")
+    each = (f"{steps} steps each" if not args.minutes
+            else f"{args.minutes:g} minutes each" + (f" (at most {steps} steps)" if steps else ""))
     print(f"\nTable 7 shape, {corpus} test split, preset {args.preset}, {each} "
           f"(-log p(x) in nats per sentence; AU: active units / units; overlap: own / other sentences; "
           f"next word: teacher-forced accuracy with z ~ q, all words / outside the 50 most frequent)")

@@ -38,8 +38,8 @@ import signal
 import time
 from pathlib import Path
 
-KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "out-of-time", "kill-saved", "kill-renamed", "kill-eval", "enospc-save",
-         "enospc-export", "enospc-metrics")
+KINDS = ("nan-loss", "big-grad", "nan-grad", "sigterm", "out-of-time", "kill-saved", "kill-renamed", "kill-eval",
+         "enospc-save", "enospc-export", "enospc-metrics")
 
 
 class Faults:
