@@ -65,6 +65,13 @@ def resumed_from(stderr):
     return int(line.rsplit("(step ", 1)[1].rstrip(")"))
 
 
+def complete_records(out):
+    """metrics.jsonl as a reader beside the writing process sees it: only whole lines (a record may be
+    half written at the moment of reading)."""
+    text = (out / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     data = image_folder(tmp_path / "data")
     # 63 training images, batches of 8: 7 steps per epoch, so checkpoints and kills fall mid-epoch.
@@ -110,7 +117,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
                             cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        if any(r.get("split") == "train" and r["step"] >= 26 for r in metrics(out)):
+        if any(r.get("split") == "train" and r["step"] >= 26 for r in complete_records(out)):
             proc.kill()
             break
         time.sleep(0.01)
