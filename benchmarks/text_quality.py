@@ -206,7 +206,8 @@ def main(argv=None) -> dict:
         end = finished(run, steps, args.minutes)
         if end is None:
             limits = [f"{steps} steps" if steps else "", f"{args.minutes:g} minutes" if args.minutes else ""]
-            print(f"training {name} ({model}) for {' and at most '.join(filter(None, limits))} -> {run}", file=sys.stderr)
+            print(f"training {name} ({model}) for {' and at most '.join(filter(None, limits))} -> {run}",
+                  file=sys.stderr)
             resume = ["--resume"] if (run / "config.json").is_file() else []
             train_text.main(common + flags + resume)
             end = latest_checkpoint(run)[0]  # the last step is always checkpointed

@@ -159,7 +159,8 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
             hyps.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else [t for t in row if t != PAD_ID])
         tokens = model.padded_tokens(batch)
         refs += [t[:n - 1] for t, n in zip(tokens.tolist(), batch["length"].tolist())]  # without EOS
-    return {"reconstruction_gain": gain / max(count, 1), "unigram_overlap": own_and_other_overlap(hyps, refs, seed, others)}
+    return {"reconstruction_gain": gain / max(count, 1),
+            "unigram_overlap": own_and_other_overlap(hyps, refs, seed, others)}
 
 
 def own_and_other_overlap(hyps: list[list[int]], refs: list[list[int]], seed: int, others: int) -> dict:

@@ -37,6 +37,7 @@ from shared.cli import ArgumentParser, add_training_flags, fraction, nonneg_floa
 from shared.errors import UserError, run_cli  # noqa: E402
 
 SAMPLES_PER_EVAL = 20
+DECODER_VIEW = ("decoder_input", "decoder_init", "decoder_gain", "decoder_attention")  # how the LSTM reads z
 
 
 def parse_args(argv=None):
@@ -88,14 +89,15 @@ def parse_args(argv=None):
         p.error("--word-dropout must be below 1 (1 would hide every input word)")
     if args.model in NON_AUTOREGRESSIVE and args.word_dropout:
         p.error(f"{args.model} (no autoregression) has no decoder inputs to drop; drop --word-dropout")
-    view = [f for f in ("decoder_input", "decoder_init", "decoder_gain", "decoder_attention") if getattr(args, f) is not None]
+    view = [f for f in DECODER_VIEW if getattr(args, f) is not None]
     if view and args.model in ("lstm-lm",) + NON_AUTOREGRESSIVE:
         p.error(f"{args.model} has no LSTM reading latents; drop --{view[0].replace('_', '-')}")
     if args.decoder_input == "none" and not args.decoder_attention and args.decoder_init != "latents":
         p.error("--decoder-input none leaves the LSTM blind to the latents; add --decoder-attention or "
                 "--decoder-init latents")
     scaled_by_default = args.model in (None, "biva-lstm")  # biva-lstm's preset default is scaled
-    if args.decoder_gain is not None and (args.decoder_input in ("concat", "none") or (args.decoder_input is None and not scaled_by_default)):
+    no_gain = args.decoder_input in ("concat", "none") or (args.decoder_input is None and not scaled_by_default)
+    if args.decoder_gain is not None and no_gain:
         p.error("--decoder-gain needs --decoder-input scaled or normalised")
     if args.aux_weight is not None and args.model != "hybrid-vae":
         p.error("--aux-weight is the hybrid-vae's auxiliary term; use it with --model hybrid-vae")
@@ -190,7 +192,7 @@ def main(argv=None) -> None:
         m = preset.model
         if args.word_dropout is not None:
             m.word_dropout = args.word_dropout
-        for name in ("decoder_input", "decoder_init", "decoder_gain", "decoder_attention"):
+        for name in DECODER_VIEW:
             if getattr(args, name) is not None:
                 setattr(m, name, getattr(args, name))
         if args.aux_weight is not None:
@@ -231,7 +233,8 @@ def main(argv=None) -> None:
         effective = {"model": m.model, "kl_schedule": m.kl_schedule, "kl_warmup_steps": m.kl_warmup_steps,
                      "word_dropout": m.word_dropout, "decoder_input": m.decoder_input,
                      "decoder_init": m.decoder_init, "decoder_gain": m.decoder_gain,
-                     "decoder_attention": m.decoder_attention, "aux_weight": m.hybrid.aux_weight if m.hybrid else None, "bow_weight": m.bow_weight,
+                     "decoder_attention": m.decoder_attention,
+                     "aux_weight": m.hybrid.aux_weight if m.hybrid else None, "bow_weight": m.bow_weight,
                      "tokenizer": data_cfg.tokenizer, "vocab_size": data_cfg.vocab_size,
                      "max_tokens": data_cfg.max_tokens, "dataset": data_cfg.dataset,
                      "train_files": data_cfg.train_files or None}
