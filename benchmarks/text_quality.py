@@ -20,8 +20,9 @@ active units, the reconstruction gain log p(x | z ~ q) - log p(x | z ~ p) and th
 greedy reconstructions with their input against other test sentences), then the issue's checks of
 biva-lstm: KL >= 5 nats, active units >= 10%, L_1 perplexity within 10% of lstm-lm's, KL above
 rnn-vae's and hybrid-vae's, reconstructions sharing >= 2x as many words with their input as with
-other sentences. Exit status 1 when a check fails. Runs, data and OUT_DIR/text_quality.json go to
---out-dir; a finished run (and its test report, when made at the same step and K) is reused unless
+other sentences. Exit status 1 when a check fails. Runs, data, OUT_DIR/text_quality.json and a plot
+beside it (text_quality.png: KL against greedy overlap and against perplexity, with the checks' lines)
+go to --out-dir; a finished run (and its test report, when made at the same step and K) is reused unless
 --retrain.
 
 --minutes M trains every model for M minutes of wall-clock time (train_text.py --max-minutes) instead
@@ -156,6 +157,47 @@ def checks(reports: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def plot_trade_off(reports: dict, path: Path, title: str) -> bool:
+    """KL against the greedy-overlap ratio and against L_1 perplexity, one point per run with latents
+    (orange: the table's models, blue: --extra runs), with the checks' lines (2x overlap; lstm-lm's perplexity and +10 %, when it is in the table), as
+    PNG. False (nothing written) when no run has latents."""
+    points = {n: r for n, r in reports.items() if r["kl"] is not None and r["unigram_overlap"] is not None}
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for name, r in points.items():
+        kl, color = r["kl"], "tab:orange" if name in MODELS else "tab:blue"  # the table's runs, the --extra ones
+        left.scatter(kl, r["unigram_overlap"]["ratio"] or 0.0, color=color)
+        left.annotate(name, (kl, r["unigram_overlap"]["ratio"] or 0.0), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+        right.scatter(kl, r["ppl_elbo"], color=color)
+        right.annotate(name, (kl, r["ppl_elbo"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.axhline(2.0, color="tab:red", linestyle="--", label="check: 2x")
+    left.set_ylim(bottom=min(1.0, left.get_ylim()[0]), top=max(2.2, left.get_ylim()[1]))
+    left.set_xlabel("KL (nats per sentence)")
+    left.set_ylabel("greedy overlap, own / other sentences")
+    if "lstm-lm" in reports:
+        lm = reports["lstm-lm"]["ppl_elbo"]
+        right.axhline(lm, color="tab:gray", label=f"lstm-lm {lm:.1f}")
+        right.axhline(1.1 * lm, color="tab:red", linestyle="--", label="check: lstm-lm +10 %")
+    right.set_xlabel("KL (nats per sentence)")
+    right.set_ylabel("perplexity (L_1)")
+    for ax in (left, right):
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def row(name: str, r: dict) -> str:
     au, u = r["active_units"], r["unigram_overlap"]
     kl = "–" if r["kl"] is None else f"{r['kl']:.2f}"
@@ -243,6 +285,9 @@ def main(argv=None) -> dict:
     out = args.json or args.out_dir / "text_quality.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out}")
+    figure = out.with_suffix(".png")
+    if plot_trade_off(reports, figure, f"{corpus} test split, preset {args.preset}, {each}"):
+        print(f"wrote {figure} (KL against greedy overlap and perplexity, with the checks' lines)")
     if not all(ok for _, ok, _ in results):
         raise SystemExit(1)
     return summary

@@ -383,6 +383,11 @@ def test_text_quality_benchmark_trains_each_model_for_minutes_on_given_splits(co
     state = json.loads((run / "checkpoints" / f"step_{steps[-1]}" / "trainer_state.json").read_text())
     assert 0.04 * 60 <= state["train_seconds"] < 60  # ended by the clock, soon after the limit
     assert "Table 7 shape, " + str(corpus.root) + " test split, preset tiny, 0.04 minutes each" in said.out
+    figure = tmp_path / "tq.png"  # beside the JSON: KL against overlap and perplexity
+    assert f"wrote {figure}" in said.out and figure.read_bytes().startswith(b"\x89PNG")
+    figure.unlink()
+    assert not bench.plot_trade_off({"lstm-lm": result["reports"]["biva-lstm"] | {"kl": None}}, figure, "")
+    assert not figure.exists()  # nothing to plot without latents
 
     with pytest.raises(SystemExit):
         bench.main(argv)
