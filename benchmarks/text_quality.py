@@ -159,8 +159,9 @@ def checks(reports: dict) -> list[tuple[str, bool, str]]:
 
 def plot_trade_off(reports: dict, path: Path, title: str) -> bool:
     """KL against the greedy-overlap ratio and against L_1 perplexity, one point per run with latents
-    (orange: the table's models, blue: --extra runs), with the checks' lines (2x overlap; lstm-lm's perplexity and +10 %, when it is in the table), as
-    PNG. False (nothing written) when no run has latents."""
+    (orange: the table's models, blue: --extra runs), with the checks' lines (2x overlap; lstm-lm's
+    perplexity and +10 %, when lstm-lm is in the table), as PNG. False, and nothing written, when no
+    run has latents."""
     points = {n: r for n, r in reports.items() if r["kl"] is not None and r["unigram_overlap"] is not None}
     if not points:
         return False
@@ -171,12 +172,10 @@ def plot_trade_off(reports: dict, path: Path, title: str) -> bool:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     for name, r in points.items():
-        kl, color = r["kl"], "tab:orange" if name in MODELS else "tab:blue"  # the table's runs, the --extra ones
-        left.scatter(kl, r["unigram_overlap"]["ratio"] or 0.0, color=color)
-        left.annotate(name, (kl, r["unigram_overlap"]["ratio"] or 0.0), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
-        right.scatter(kl, r["ppl_elbo"], color=color)
-        right.annotate(name, (kl, r["ppl_elbo"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        color = "tab:orange" if name in MODELS else "tab:blue"  # the table's runs, the --extra ones
+        for ax, y in ((left, r["unigram_overlap"]["ratio"] or 0.0), (right, r["ppl_elbo"])):
+            ax.scatter(r["kl"], y, color=color)
+            ax.annotate(name, (r["kl"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     left.axhline(2.0, color="tab:red", linestyle="--", label="check: 2x")
     left.set_ylim(bottom=min(1.0, left.get_ylim()[0]), top=max(2.2, left.get_ylim()[1]))
     left.set_xlabel("KL (nats per sentence)")
