@@ -3,17 +3,17 @@
 
     python benchmarks/text_quality.py --fetch                  # five models, the small preset, ~2-3 h on 2 CPUs
     python benchmarks/text_quality.py --steps 300 --iw-samples 20 --out-dir /tmp/tq   # a quick look
-    python benchmarks/text_quality.py --preset paper --models biva-lstm --minutes 8 --data data/austen \
+    python benchmarks/text_quality.py --preset paper --models biva-lstm --minutes 7.5 --data data/austen \
         --iw-samples 100 --out-dir runs/gpu-tq --json $OUT/text_quality.json     # the GPU check: see below
 
 The text is Jane Austen's six novels (31,438 sentences; benchmarks/real_text.py unpacks them from
 Debian's r-cran-janeaustenr with --fetch), tokenised like BookCorpus and split 1000/1000 sentences for
 validation/test; the paper's filter (at most 40 pieces) and the word tokenizer (the default 20,000
 pieces asked; the corpus supports fewer) apply as in any run. Every model is trained with
-scripts/train_text.py --preset small (or --preset) and nothing else but the data and --max-steps: the preset's own
-schedule (free bits on plateau for BIVA, KL warm-up for the RNN-VAE and the Hybrid VAE), batch,
-learning rate and evaluation grid, the same number of optimiser steps for all. Each is then reported
-with scripts/report_text.py on the test split.
+scripts/train_text.py --preset small (or the --preset given) and nothing else but the data and
+--max-steps: the preset's own schedule (free bits on plateau for BIVA, KL warm-up for the RNN-VAE and
+the Hybrid VAE), batch, learning rate and evaluation grid, the same number of optimiser steps for
+all. Each is then reported with scripts/report_text.py on the test split.
 
 Printed: a Table-7-shaped table (parameters, -log p(x) from L_1 and L_K, KL, perplexity from L_1,
 active units, the reconstruction gain log p(x | z ~ q) - log p(x | z ~ p) and the unigram overlap of

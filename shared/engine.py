@@ -823,7 +823,8 @@ class Trainer:
             local[0] += norm > cfg.skip_threshold
         local[1] = 1.0 if self._stop_signal else 0.0
         # Each process reads its own clock; the sum decides for all.
-        local[-1] = 1.0 if self._out_of_time() or fault.full_since("out-of-time", attempt) else 0.0
+        out_of_time_slot = local.numel() - 1
+        local[out_of_time_slot] = 1.0 if self._out_of_time() or fault.full_since("out-of-time", attempt) else 0.0
         # One collective: every process takes the same decision (skip, stop), even where a fault is seen by
         # one process only, and logs the figures of the whole global batch, not just its own share.
         world = acc.num_processes
@@ -845,7 +846,7 @@ class Trainer:
         self.state.batch_in_epoch += 1
         self.state.examples_seen += cfg.batch_size
         stop = figures[1] > 0
-        out_of_time = figures[-2] > 0
+        out_of_time = figures[out_of_time_slot] > 0  # figures = the summed slots, then this process's norm
         if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
         result = {"loss": figures[2] / world, "elbo": figures[3] / world,
