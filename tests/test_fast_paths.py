@@ -120,6 +120,37 @@ def test_channels_last_runs_every_convolution_in_nhwc_and_keeps_the_numbers():
         assert all(p.is_contiguous() for p in nhwc.parameters())
 
 
+@pytest.mark.parametrize("ndim, kernel, factor, channels_last", [
+    (2, 5, 2, True), (2, 5, 2, False), (2, 3, 2, True), (2, 1, 2, False), (2, 7, 3, True), (1, 5, 2, False),
+    (1, 3, 4, False)])
+def test_upsampling_convolution_is_the_convolution_of_the_upsampled_map(ndim, kernel, factor, channels_last):
+    """WNConv(upsample=s) computes at the input's resolution (one convolution with s^ndim times the
+    channels, then depth-to-space); it must equal F.interpolate(nearest) followed by the same 'same'
+    convolution, in value and in every gradient (float64, 1e-10), at the borders too (odd sizes)."""
+    import torch.nn.functional as F
+
+    from shared.nn import WNConv, set_channels_last
+
+    torch.manual_seed(0)
+    conv = set_channels_last(WNConv(ndim, 6, 5, kernel, upsample=factor).double(), channels_last)
+    assert set(conv.state_dict()) == {"v", "g", "b"}  # checkpoints as any convolution's
+    x = torch.randn(3, 6, *([7, 5][:ndim]), dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = conv(x)
+    conv_nd = F.conv1d if ndim == 1 else F.conv2d
+    ref = conv_nd(F.interpolate(x, scale_factor=factor, mode="nearest"), conv.weight(), conv.b, padding=kernel // 2)
+    assert y.shape == ref.shape == (3, 5, *[factor * n for n in [7, 5][:ndim]])
+    assert ndim == 1 or y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, conv.v, conv.g, conv.b], g)
+    refs = torch.autograd.grad(ref, [x, conv.v, conv.g, conv.b], g)
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def image_batch(likelihood, n=8):
     x = torch.as_tensor(stripes(n)) if likelihood == "bernoulli" else \
         torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
