@@ -10,6 +10,13 @@ benchmarks/image_throughput.engine_step; L_K is shared.bounds.iw_bound with --iw
 --eval-batch-size examples) and prints the top operators by self CPU time. On a GPU it also prints
 the top CUDA kernels, kernel launches per step, and the GPU's idle time between kernels per step
 (host-side gaps: the step waits for Python and launches, not for arithmetic).
+
+--op-times (CPU) times each operator by its own wall clock instead (a dispatch mode around every aten
+call, no profiler): the profiler's per-event cost inflates small operators several times over on a
+CPU (the binary preset's element-wise operators at 28x28 by up to ~10x), so its shares overstate
+them. It times --steps plain steps, then --steps steps with every operator timed, and prints each
+operator's milliseconds per step and its share of the plain step; the rest of the step is spent
+between operators (Python, autograd bookkeeping).
 """
 from __future__ import annotations
 
@@ -50,7 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="image feature maps in channels_last memory format, as training runs them (default on)")
     p.add_argument("--rows", type=positive_int, default=15, help="operators listed per table (default 15)")
-    return p.parse_args(argv)
+    p.add_argument("--op-times", action="store_true",
+                   help="CPU: time every operator by its own wall clock instead of the profiler (see above)")
+    args = p.parse_args(argv)
+    if args.op_times and args.device != "cpu":
+        p.error("--op-times times operators on the CPU; add --device cpu")
+    return args
 
 
 def sibling(name: str):
@@ -81,6 +93,41 @@ def gpu_report(prof, steps: int) -> str:
             f"idle between kernels {idle / steps / 1e3:.2f} ms")
 
 
+def op_times(name: str, run, args) -> dict[str, list[float]]:
+    """--op-times: {operator: [calls, seconds]} over --steps steps, each aten call timed as it runs."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    totals = collections.defaultdict(lambda: [0, 0.0])
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            entry = totals[func.overloadpacket.__name__]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t0
+            return out
+
+    start = time.perf_counter()
+    for i in range(args.steps):  # untimed steps: the timer's own cost per call lands between operators
+        run(i)
+    step = (time.perf_counter() - start) / args.steps
+    with Timer():
+        for i in range(args.steps):
+            run(i)
+    in_ops = sum(seconds for _, seconds in totals.values()) / args.steps
+    calls = sum(n for n, _ in totals.values()) / args.steps
+    print(f"\n=== {name}: {1000 * step:.1f} ms per step ({args.steps} steps); then, every operator timed, "
+          f"{1000 * in_ops:.1f} ms in {calls:.0f} operator calls per step, the rest ({100 * (1 - in_ops / step):.1f} %) "
+          f"between them (Python, autograd) ===")
+    print(f"{'operator':<36}{'calls/step':>11}{'ms/step':>10}{'share':>9}")
+    for op, (n, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:args.rows]:
+        print(f"{op:<36}{n / args.steps:>11.0f}{1000 * seconds / args.steps:>10.1f}{100 * seconds / args.steps / step:>8.1f}%")
+    return dict(totals)
+
+
 def profile(name: str, run, args, device) -> None:
     import torch
     from torch.profiler import ProfilerActivity
@@ -88,6 +135,9 @@ def profile(name: str, run, args, device) -> None:
     cuda = device.type == "cuda"
     for i in range(args.warmup):
         run(i)
+    if args.op_times:
+        op_times(name, run, args)
+        return
     if cuda:
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

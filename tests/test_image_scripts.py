@@ -393,6 +393,24 @@ def test_no_channels_last_is_recorded_and_turns_the_layout_off(world, tmp_path, 
     assert seen and seen[0] and not any(seen[0])
 
 
+def test_op_times_profile_times_each_operator_of_the_training_step(capsys):
+    """profile_step.py --op-times: one row per aten operator of the step (backward ones included),
+    with calls and milliseconds per step; refused without --device cpu."""
+    bench = _benchmark("profile_step")
+    bench.main(["--what", "image", "--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--steps", "2",
+                "--warmup", "1", "--op-times", "--rows", "200"])
+    out = capsys.readouterr().out
+    header, table = out.split("\noperator ", 1)
+    assert "ms per step (2 steps)" in header and "operator calls per step" in header
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:] if line.strip()}
+    assert {"convolution", "convolution_backward", "_weight_norm_interface"} <= set(rows)
+    assert rows["convolution"][0] == rows["convolution_backward"][0]  # every convolution runs backward once
+    assert all(float(ms) >= 0 and share.endswith("%") for _, ms, share in rows.values())
+    with pytest.raises(SystemExit):
+        bench.main(["--what", "image", "--op-times"])
+    assert "--op-times times operators on the CPU" in capsys.readouterr().err
+
+
 def test_gpu_speed_check_runs_every_entry_and_writes_its_json(tmp_path, capsys):
     """The prepared GPU check (benchmarks/gpu_speed.py), on the CPU at tiny shapes: every entry runs in
     its own process and lands in the summary and in gpu_speed.json."""
