@@ -119,9 +119,10 @@ def op_times(name: str, run, args) -> dict[str, list[float]]:
             run(i)
     in_ops = sum(seconds for _, seconds in totals.values()) / args.steps
     calls = sum(n for n, _ in totals.values()) / args.steps
+    rest = (f"the rest ({100 * (1 - in_ops / step):.1f} %) between them (Python, autograd)" if in_ops < step else
+            "more than the whole step: operators this short are inflated by the timer itself")
     print(f"\n=== {name}: {1000 * step:.1f} ms per step ({args.steps} steps); then, every operator timed, "
-          f"{1000 * in_ops:.1f} ms in {calls:.0f} operator calls per step, the rest ({100 * (1 - in_ops / step):.1f} %) "
-          f"between them (Python, autograd) ===")
+          f"{1000 * in_ops:.1f} ms in {calls:.0f} operator calls per step, {rest} ===")
     print(f"{'operator':<36}{'calls/step':>11}{'ms/step':>10}{'share':>9}")
     for op, (n, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:args.rows]:
         print(f"{op:<36}{n / args.steps:>11.0f}{1000 * seconds / args.steps:>10.1f}{100 * seconds / args.steps / step:>8.1f}%")
