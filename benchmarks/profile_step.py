@@ -93,8 +93,8 @@ def gpu_report(prof, steps: int) -> str:
             f"idle between kernels {idle / steps / 1e3:.2f} ms")
 
 
-def op_times(name: str, run, args) -> dict[str, list[float]]:
-    """--op-times: {operator: [calls, seconds]} over --steps steps, each aten call timed as it runs."""
+def op_times(name: str, run, args) -> None:
+    """--op-times: each aten call of --steps steps timed as it runs, summed per operator."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,7 +126,6 @@ def op_times(name: str, run, args) -> dict[str, list[float]]:
     print(f"{'operator':<36}{'calls/step':>11}{'ms/step':>10}{'share':>9}")
     for op, (n, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:args.rows]:
         print(f"{op:<36}{n / args.steps:>11.0f}{1000 * seconds / args.steps:>10.1f}{100 * seconds / args.steps / step:>8.1f}%")
-    return dict(totals)
 
 
 def profile(name: str, run, args, device) -> None:

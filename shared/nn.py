@@ -34,7 +34,7 @@ class WNConv(nn.Module):
     """Weight-normalised convolution over ``ndim`` spatial dims (ndim 0 = linear layer).
 
     ``stride`` > 1 downsamples with 'same' padding (odd kernels); ``upsample`` > 1 convolves the input
-    upsampled that many times by nearest neighbour (``upsample(x)`` then the convolution), computed at
+    upsampled that many times by nearest neighbour (F.interpolate, mode 'nearest'), computed at
     the input's resolution as one convolution with ``upsample ** ndim`` times the output channels and a
     depth-to-space shuffle (sub-pixel convolution): the same function and parameters, but a 5x5 kernel
     after a 2x upsampling costs 9 instead of 25 multiply-adds per output and the upsampled map is never
