@@ -141,11 +141,13 @@ def checks(reports: dict) -> list[tuple[str, bool, str]]:
     if b is None:
         return []
     au, u = b["active_units"], b["unigram_overlap"]
+    m = b.get("unigram_overlap_mean")  # reports made before it have no posterior-mean figure
+    mean = "" if m is None else f"; from the posterior means {m['ratio'] or 0:.2f}x"
     out = [("biva-lstm KL >= 5 nats", b["kl"] >= 5.0, f"{b['kl']:.2f}"),
            ("biva-lstm active units >= 10%", au["total"] >= 0.1 * au["units"],
             f"{au['total']} of {au['units']} ({au['total'] / au['units']:.1%})"),
            ("reconstructions share >= 2x the words with their input", (u["ratio"] or 0) >= 2.0,
-            f"{u['own']:.1%} own vs {u['other']:.1%} other ({u['ratio'] or 0:.2f}x)")]
+            f"{u['own']:.1%} own vs {u['other']:.1%} other ({u['ratio'] or 0:.2f}x{mean})")]
     if "lstm-lm" in reports:
         lm = reports["lstm-lm"]["ppl_elbo"]
         out.append(("biva-lstm L_1 perplexity within 10% of lstm-lm's", b["ppl_elbo"] <= 1.1 * lm,

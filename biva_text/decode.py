@@ -259,15 +259,22 @@ def sample_prior(model, n: int, opts: DecodeOptions, latent_temperature: float =
 
 
 @torch.no_grad()
-def reconstruct(model, batch: dict, opts: DecodeOptions, from_level: int = 0):
-    """Each sentence of ``batch`` through the posterior (levels <= from_level from the prior) and back."""
+def reconstruct(model, batch: dict, opts: DecodeOptions, from_level: int = 0, posterior_mean: bool = False):
+    """Each sentence of ``batch`` through the posterior (levels <= from_level from the prior) and back.
+    ``posterior_mean``: every group at its posterior mean instead of a draw z ~ q(z | x) (only with
+    from_level 0), so that greedy or beam decoding gives one reconstruction whatever the seed."""
     _require_latents(model, "reconstruct through")
     levels = model.num_levels
     if not 0 <= from_level < levels:
         raise UserError(f"--from-level must be in 0..{levels - 1} for this model of {levels} latent level(s), "
                         f"got {from_level}")
+    if posterior_mean and from_level:
+        raise UserError("--posterior-mean keeps every latent level at its posterior mean; it takes no --from-level")
     noise = HashedNoise(opts.seed, batch["index"])
-    cond = model.condition_posterior(batch, noise, from_level)
+    if posterior_mean:
+        cond = model.condition_latents(model.posterior_means(batch, noise))
+    else:
+        cond = model.condition_posterior(batch, noise, from_level)
     return _decode(model, cond, batch["index"], opts)
 
 

@@ -141,13 +141,14 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
     ``reconstruction_gain``: mean of log p(x | z ~ q(z | x)) - log p(x | z ~ p(z)), one sample of each
     (seeded); 0 when the decoder ignores z. ``unigram_overlap``: greedy reconstructions x' of x (z ~ q),
     the clipped unigram precision of x' against x itself (``own``) and against ``others`` other
-    sentences of the split drawn at random (``other``, their mean): ``ratio`` = own / other."""
+    sentences of the split drawn at random (``other``, their mean): ``ratio`` = own / other.
+    ``unigram_overlap_mean``: the same for greedy reconstructions from the posterior means."""
     from .decode import DecodeOptions, reconstruct
 
     device = device or next(model.parameters()).device
     chosen = subset_indices(len(dataset), max_examples, seed, None)
     loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False)
-    gain, count, hyps, refs = 0.0, 0, [], []
+    gain, count, hyps, refs = 0.0, 0, {False: [], True: []}, []
     opts = DecodeOptions(method="greedy", seed=seed)
     for batch in tqdm(loader, desc="reconstructions", leave=False, disable=not progress):
         batch = _to(batch, device)
@@ -155,12 +156,15 @@ def reconstruction_stats(model, dataset, *, seed: int = 0, batch_size: int = 64,
         prior = model(batch, HashedNoise(seed + 1, batch["index"]), mode="prior").log_px
         gain += float((posterior.double() - prior.double()).sum())
         count += posterior.shape[0]
-        for row, length in zip(reconstruct(model, batch, opts).tolist(), batch["length"].tolist()):
-            hyps.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else [t for t in row if t != PAD_ID])
+        for mean, rows in hyps.items():
+            for row in reconstruct(model, batch, opts, posterior_mean=mean).tolist():
+                rows.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else
+                            [t for t in row if t != PAD_ID])
         tokens = model.padded_tokens(batch)
         refs += [t[:n - 1] for t, n in zip(tokens.tolist(), batch["length"].tolist())]  # without EOS
     return {"reconstruction_gain": gain / max(count, 1),
-            "unigram_overlap": own_and_other_overlap(hyps, refs, seed, others)}
+            "unigram_overlap": own_and_other_overlap(hyps[False], refs, seed, others),
+            "unigram_overlap_mean": own_and_other_overlap(hyps[True], refs, seed, others)}
 
 
 def own_and_other_overlap(hyps: list[list[int]], refs: list[list[int]], seed: int, others: int) -> dict:
@@ -259,6 +263,7 @@ def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64,
         "mutual_info": None,
         "reconstruction_gain": None,
         "unigram_overlap": None,
+        "unigram_overlap_mean": None,
         "teacher_forced_accuracy": teacher_forced_accuracy(model, dataset, seed=seed, batch_size=batch_size,
                                                            max_examples=max_examples, device=device),
         "num_sentences": N,

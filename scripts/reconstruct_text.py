@@ -8,7 +8,9 @@
 One sentence per line, tokenised like the training text (BookCorpus: lower-cased, spaces around
 punctuation). Prints each input ("> ") beside its reconstruction ("< "). Decoding is greedy unless
 --sample or --beam is given. --from-level k keeps the posterior of levels above k and draws levels
-<= k from the conditional prior (as for images; 0 = the full posterior). Words outside a word
+<= k from the conditional prior (as for images; 0 = the full posterior). --posterior-mean decodes
+every latent at its posterior mean instead of a draw from the posterior: with greedy or beam decoding
+the same sentence then always gives the same reconstruction. Words outside a word
 tokenizer's vocabulary read as <unk> (named in one warning line on stderr); sentences with too many
 pieces are skipped and counted on stderr. --beam K --n-best K' prints the K' best reconstructions
 with their length-normalised scores (nats).
@@ -37,10 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--input", type=Path, help="text file, one sentence per line (default: standard input)")
     p.add_argument("--from-level", type=nonneg_int, default=0,
                    help="draw latent levels <= k from the prior, keep the posterior above (default 0)")
+    p.add_argument("--posterior-mean", action="store_true",
+                   help="decode from the posterior means of the latents instead of a draw z ~ q(z | x)")
     add_decoding_flags(p, "greedy")
     args = p.parse_args(argv)
     check_n_best(p, args)
     args.run = resolve_run(args.run)
+    if args.posterior_mean and args.from_level:
+        p.error("--posterior-mean keeps every latent level at its posterior mean; it takes no --from-level")
     if args.input is not None and not args.input.is_file():
         p.error(f"--input {args.input} is not a file")
     return args
@@ -60,7 +66,7 @@ def main(argv=None) -> list[tuple[str, str]]:
     pairs = []
     for start in range(0, len(encoded.kept), BATCH):
         batch = {k: v[start:start + BATCH].to(next(model.parameters()).device) for k, v in encoded.batch.items()}
-        out = reconstruct(model, batch, opts, args.from_level)
+        out = reconstruct(model, batch, opts, args.from_level, args.posterior_mean)
         if opts.n_best > 1:
             tokens, scores = out
             for original, texts, row in zip(encoded.kept[start:start + BATCH], to_text(tokenizer, tokens), scores.tolist()):

@@ -9,7 +9,8 @@ columns), then -L_K with K = --iw-samples and its perplexity, active units and t
 information I(x; z) (He et al. 2019, minibatches of 64), and whether the latents carry the sentence:
 the reconstruction gain log p(x | z ~ q(z|x)) - log p(x | z ~ p(z)) (nats; 0 when the decoder ignores
 z) and the clipped unigram overlap of greedy reconstructions with their input against other sentences
-of the split (report keys reconstruction_gain, unigram_overlap {own, other, ratio}). Perplexity = exp(sum NLL / sum tokens),
+of the split (report keys reconstruction_gain, unigram_overlap {own, other, ratio}; z ~ q(z|x)), and the
+same for greedy reconstructions from the posterior means (unigram_overlap_mean). Perplexity = exp(sum NLL / sum tokens),
 tokens counting every predicted token including end-of-sentence. Writes report-<split>.json in the
 run directory (./NAME for a hub id or a read-only run) (and to --json) and a bar plot of KL per latent group, kl-per-group-<split>.png.
 The data are the run's own (saved data config and tokenizer; the token cache makes this cheap).
@@ -106,6 +107,9 @@ def main(argv=None) -> dict:
         print(f"latents in use: reconstruction gain log p(x|z~q) - log p(x|z~p) = {report['reconstruction_gain']:.2f} "
               f"nats; greedy reconstructions share {u['own']:.1%} of their words with their input, "
               f"{u['other']:.1%} with other sentences" + (f" ({u['ratio']:.2f}x)" if u["ratio"] else ""))
+        m = report["unigram_overlap_mean"]
+        print(f"from the posterior means instead of z ~ q: {m['own']:.1%} with their input, {m['other']:.1%} with "
+              f"other sentences" + (f" ({m['ratio']:.2f}x)" if m["ratio"] else ""))
     t = report["teacher_forced_accuracy"]
     if t is not None:
         print(f"teacher-forced next-word accuracy, all words / outside the {t['frequent']} most frequent: "

@@ -56,7 +56,7 @@ def test_overlap_counts_the_reconstruction_against_its_own_input():
     data = Sentences(batch)
     model = make_model("rnn-vae")
 
-    def copy_input(model_, batch_, opts, from_level=0):  # the perfect reconstruction
+    def copy_input(model_, batch_, opts, from_level=0, posterior_mean=False):  # the perfect reconstruction
         return batch_["tokens"]
 
     import biva_text.decode as decode
@@ -66,8 +66,8 @@ def test_overlap_counts_the_reconstruction_against_its_own_input():
         stats = reconstruction_stats(model, data, progress=False, others=5)
     finally:
         decode.reconstruct = old
-    u = stats["unigram_overlap"]
-    assert u["own"] == 1.0 and u["other"] < 0.9 and u["ratio"] > 1.1
+    for u in (stats["unigram_overlap"], stats["unigram_overlap_mean"]):
+        assert u["own"] == 1.0 and u["other"] < 0.9 and u["ratio"] > 1.1
     assert EOS_ID not in sum((row[:n - 1] for row, n in zip(batch["tokens"].tolist(), batch["length"].tolist())), [])
 
 
@@ -113,3 +113,23 @@ def test_teacher_forced_accuracy_counts_words_and_rare_words():
         assert overlap["own"] == 1.0 and 0.0 < overlap["other"] < 1.0 and overlap["ratio"] == 1.0 / overlap["other"]
         assert overlap["sentences"] == 8
     assert got["posterior"]["overlap"]["own"] < 1.0
+
+
+def test_posterior_mean_reconstructions_do_not_depend_on_the_seed():
+    """reconstruct(posterior_mean=True) decodes every group at its posterior mean: greedy output is the
+    same for every seed, where draws z ~ q (a decoder that reads z strongly) change it; and it refuses
+    --from-level, whose lower levels would be draws."""
+    from biva_text.decode import DecodeOptions, reconstruct
+    from shared.errors import UserError
+
+    torch.manual_seed(0)
+    model = make_model("biva-lstm")
+    with torch.no_grad():
+        model.decoder.lstm.weight_ih_l0[:, model.cfg.embedding_dim:] *= 50.0
+    batch = make_batch([3, 5, 9, 2, 7, 4, 6, 8], seed=1)
+    drawn = [reconstruct(model, batch, DecodeOptions(method="greedy", seed=s)) for s in range(3)]
+    means = [reconstruct(model, batch, DecodeOptions(method="greedy", seed=s), posterior_mean=True) for s in range(3)]
+    assert not all(torch.equal(drawn[0], d) for d in drawn[1:])
+    assert all(torch.equal(means[0], m) for m in means[1:])
+    with pytest.raises(UserError, match="--posterior-mean"):
+        reconstruct(model, batch, DecodeOptions(method="greedy"), from_level=1, posterior_mean=True)

@@ -182,6 +182,12 @@ def test_reconstruct_skips_and_counts_sentences_too_long(biva_run, tmp_path, cap
     code, _, err = run_script("reconstruct_text", ["--run", str(biva_run), "--input", str(path), "--from-level", "3"],
                               capsys)
     assert code == 2 and "--from-level" in err
+    code, out, err = run_script("reconstruct_text", ["--run", str(biva_run), "--input", str(path), "--posterior-mean",
+                                                     "--device", "cpu"], capsys)
+    assert code == 0 and out.count("< ") == 2
+    code, _, err = run_script("reconstruct_text", ["--run", str(biva_run), "--input", str(path), "--posterior-mean",
+                                                   "--from-level", "1"], capsys)
+    assert code == 2 and "takes no --from-level" in err
 
 
 @pytest.mark.parametrize("content, message", [(" ".join(["the cat"] * 7) + "\n", "no usable sentence"),
