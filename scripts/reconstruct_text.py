@@ -45,8 +45,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_n_best(p, args)
     args.run = resolve_run(args.run)
-    if args.posterior_mean and args.from_level:
-        p.error("--posterior-mean keeps every latent level at its posterior mean; it takes no --from-level")
     if args.input is not None and not args.input.is_file():
         p.error(f"--input {args.input} is not a file")
     return args
