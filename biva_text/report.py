@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from shared.distributions import HashedNoise
 from shared.errors import UserError
 from shared.evaluate import evaluate, subset_indices
-from shared.run_dir import load_weights, read_run_config, run_step  # noqa: F401  (run_step re-exported)
+from shared.run_dir import load_weights, read_run_config
 
 from .data import TextDataConfig, prepare_text_data
 from .model import TextModelConfig, build_text_model, num_params

@@ -64,10 +64,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from biva_text.report import (MI_BATCH, load_text_run, load_text_split, plot_kl_per_group, run_step, table_row,
-                                  text_report)
+    from biva_text.report import MI_BATCH, load_text_run, load_text_split, plot_kl_per_group, table_row, text_report
     from biva_text.data import TextDataset
     from shared.config import write_json_atomic
+    from shared.run_dir import run_step
 
     device = pick_device(args.device)
     run, model, _ = load_text_run(args.run, device)
