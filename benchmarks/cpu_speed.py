@@ -9,7 +9,8 @@ synthetic shapes; the entries run in turn, --rounds times (interleaved, so a slo
 machine hits every entry alike), and the median of the rounds is reported.
 
 binary images, batch 48: benchmarks/image_throughput.py --preset binary (the engine's step: loss,
-    backward, clipping, Adamax, EMA) in fp32 and in bf16 autocast (log-densities stay fp32), against
+    backward, clipping, Adamax, EMA) in fp32, in bf16 autocast (log-densities stay fp32) and in fp32 with
+    the model compiled by inductor (--compile; its compiling first step is not timed), against
     the official BIVA PyTorch code (benchmarks/reference_biva.py, run by --reference-python: a Python
     with biva-pytorch installed; see that script's docstring; without those rows are skipped), in fp32
     (the row every ratio is taken against, as the issue's table) and under bf16 autocast (like for like
@@ -47,7 +48,8 @@ def entries(args) -> list[tuple[str, str, list[str], str]]:
             "--steps", s, "--warmup", "1", "--iw-samples", "1", "--iw-sentences", "1", "--iw-batch", "1",
             "--tok-sentences", "10"]
     out = [("binary images: this project, fp32", "images/s", image, "train_images_per_s"),
-           ("binary images: this project, bf16", "images/s", image + ["--mixed-precision", "bf16"], "train_images_per_s")]
+           ("binary images: this project, bf16", "images/s", image + ["--mixed-precision", "bf16"], "train_images_per_s"),
+           ("binary images: this project, fp32, --compile", "images/s", image + ["--compile"], "train_images_per_s")]
     if args.reference_python:
         reference = [str(args.reference_python), str(HERE / "reference_biva.py"), "--threads", t, "--steps", s,
                      "--warmup", "2"]

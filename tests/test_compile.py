@@ -93,3 +93,26 @@ def test_dropout_does_not_break_the_compiled_graph_on_a_cpu():
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.2])
+def test_compiled_dropout_draws_the_eager_mask(p):
+    """Under torch.compile on a CPU the random lanes are drawn by the same opaque operator and unpacked
+    (p = 0.5: bits) or compared (p = 0.25: 8-bit lanes, p = 0.2: 16-bit) inside the graph: the same seed gives the same
+    output, element for element, as eager, and the same gradient."""
+    from shared.nn import Dropout
+
+    drop = Dropout(p).train()
+    x = torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(3)
+    eager = drop(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad, None
+    try:
+        torch.manual_seed(3)
+        compiled = torch.compile(drop, backend="inductor")(x)
+        compiled.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager) and torch.equal(x.grad, eager_grad)
+    assert compiled.is_contiguous(memory_format=torch.channels_last)

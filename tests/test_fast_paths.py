@@ -36,11 +36,12 @@ def test_dropout_keeps_one_minus_p_and_rescales():
         assert torch.equal(drop.eval()(x), x)  # identity in evaluation
 
 
-@pytest.mark.parametrize("p, lanes", [(0.2, 4), (0.5, 8)])
+@pytest.mark.parametrize("p, lanes", [(0.2, 4), (0.25, 8), (0.5, 64)])
 def test_dropout_uses_every_lane_of_each_draw_independently(p, lanes):
     """Several mask elements come from one 64-bit draw: four 16-bit lanes for p = 0.2, eight 8-bit lanes
-    for p = 0.5 (a multiple of 2^-8). Every lane must keep at 1 - p, and neighbouring lanes must not be
-    correlated (a lane taken from a 63-bit draw, or repeated, would show here)."""
+    for p = 0.25 (a multiple of 2^-8), one bit each for p = 0.5. Every lane must keep at 1 - p, and
+    neighbouring lanes must not be correlated (a lane taken from a 63-bit draw, or repeated, or a bit
+    unpacked twice, would show here)."""
     torch.manual_seed(0)
     y = Dropout(p).train()(torch.ones(200_000 * lanes)).view(-1, lanes) != 0
     rates = y.float().mean(0)
@@ -63,8 +64,19 @@ def test_the_uniform_mask_of_other_devices_has_the_rate_and_layout_too(dtype):
     torch.manual_seed(0)
     x = torch.ones(40, 16, 25, 25, dtype=dtype).contiguous(memory_format=torch.channels_last)
     keep = keep_mask(x, round(0.2 * 65536), integer_lanes=False)
+    assert keep.dtype == torch.uint8  # as on a CPU: compiled CPU code reads bool tensors ~10x slower
     assert keep.is_contiguous(memory_format=torch.channels_last) and not keep.is_contiguous()
     assert abs(keep.float().mean().item() - 0.8) < 0.004
+
+
+@pytest.mark.parametrize("p", [0.2, 0.25, 0.5])
+def test_the_cpu_mask_is_zero_one_uint8_in_the_layout_of_x(p):
+    torch.manual_seed(0)
+    x = torch.ones(6, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    keep = keep_mask(x, round(p * 65536))
+    assert keep.dtype == torch.uint8 and keep.shape == x.shape and set(keep.unique().tolist()) <= {0, 1}
+    assert keep.is_contiguous(memory_format=torch.channels_last) and not keep.is_contiguous()
+    assert keep_mask(torch.ones(3, 5, 7), round(p * 65536)).is_contiguous()  # 3-D, odd sizes: no full draw
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
