@@ -89,16 +89,22 @@ class WNConv(nn.Module):
         (o, a) of one convolution whose kernel sums the taps of w that phase a reads."""
         s, A = self.upsample, self.taps.to(w.dtype)
         c_out, c_in, n = w.shape[0], w.shape[1], A.shape[1]
-        b = self.b.repeat_interleave(s**self.ndim)
         if self.ndim == 1:
+            b = self.b.repeat_interleave(s)
             y = F.conv1d(x, torch.einsum("auk,ock->oacu", A, w).reshape(c_out * s, c_in, n), b, padding=n // 2)
             B, _, T = y.shape
             return y.view(B, c_out, s, T).transpose(2, 3).reshape(B, c_out, T * s)
-        w = torch.einsum("auk,bvl,ockl->oabcuv", A, A, w).reshape(c_out * s * s, c_in, n, n)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-            return F.pixel_shuffle(F.conv2d(x, w, b, padding=n // 2), s).contiguous(memory_format=torch.channels_last)
-        return F.pixel_shuffle(F.conv2d(x, w, b, padding=n // 2), s)
+            # Phase-major channels (a, b, o): in NHWC memory each phase's c_out channels lie together, so
+            # the depth-to-space step moves whole runs of c_out floats (pixel_shuffle's channel order,
+            # o-major, makes every element a gather; compiled, a scalar loop: 12 ms of the binary step).
+            w = torch.einsum("auk,bvl,ockl->abocuv", A, A, w).reshape(s * s * c_out, c_in, n, n)
+            y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, self.b.repeat(s * s), padding=n // 2)
+            B, _, H, W = y.shape
+            y = y.permute(0, 2, 3, 1).reshape(B, H, W, s, s, c_out).transpose(2, 3).reshape(B, H * s, W * s, c_out)
+            return y.permute(0, 3, 1, 2)
+        w = torch.einsum("auk,bvl,ockl->oabcuv", A, A, w).reshape(c_out * s * s, c_in, n, n)
+        return F.pixel_shuffle(F.conv2d(x, w, self.b.repeat_interleave(s * s), padding=n // 2), s)
 
 
 def keep_mask(x: torch.Tensor, dropped: int, integer_lanes: bool | None = None) -> torch.Tensor:
