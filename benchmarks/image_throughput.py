@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     from shared.bounds import auto_iw_chunk, iw_bound
     from shared.cli import pick_device
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, keep_freed_cpu_memory
+    from shared.engine import EMA, compile_optimizer_step, keep_freed_cpu_memory
     from shared.nn import set_channels_last
 
     if args.threads:
@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adamax(model.parameters(), lr=preset.train.lr)
+    if args.compile:
+        compile_optimizer_step(optimizer)  # as the engine does under --compile
     ema = EMA(model, preset.train.ema_decay)
     lam = float(preset.train.free_bits or 0.0)  # lambda per group, as at the start of training
     C, H, W = preset.model.image_shape
