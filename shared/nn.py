@@ -153,9 +153,13 @@ def random_lanes(n: int, bits: int, device) -> torch.Tensor:
     """Uniform random integers for n mask elements of ``bits`` bits each, every bit of each 64-bit draw
     used: n / 8 bytes (uint8) for 1 bit, n uint8 for 8 bits, n int16 for 16 bits (a few more lanes
     where n does not fill the last draw)."""
-    lanes = torch.empty(_lane_count(n, bits), dtype=torch.int16 if bits == 16 else torch.uint8, device=device)
+    lanes = torch.empty(_lane_count(n, bits), dtype=_lane_dtype(bits), device=device)
     lanes.view(torch.int64).random_(-2**63, None)  # the draws, written through a view: lanes is no view
     return lanes
+
+
+def _lane_dtype(bits: int) -> torch.dtype:
+    return torch.int16 if bits == 16 else torch.uint8  # 1-bit lanes travel as whole bytes
 
 
 def _lane_count(n: int, bits: int) -> int:
@@ -179,7 +183,7 @@ def _random_lanes_op(x: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 
 @_random_lanes_op.register_fake
 def _(x: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    return torch.empty(_lane_count(n, bits), dtype=torch.int16 if bits == 16 else torch.uint8, device=x.device)
+    return torch.empty(_lane_count(n, bits), dtype=_lane_dtype(bits), device=x.device)
 
 
 class Dropout(nn.Module):
