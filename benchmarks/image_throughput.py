@@ -61,12 +61,13 @@ def parse_args(argv=None):
 def engine_step(forward, model, optimizer, ema, batch: dict, noise, lam: float, autocast, counter: dict,
                 scaler=None) -> float:
     """One optimiser step as shared.engine.Trainer._update takes it for one micro-batch on one process:
-    training_loss, backward, the gradient norm and the skip guard on the device, one host transfer,
-    Adamax and the EMA update when the step is good. ``forward`` is the model to call (maybe compiled),
-    ``model`` the one holding the parameters; ``counter["steps"]`` counts the updates. Returns the loss."""
+    training_loss, backward, the gradient norm (shared.engine.grad_norm) and the skip guard on the device,
+    one host transfer, Adamax and the EMA update when the step is good. ``forward`` is the model to call
+    (maybe compiled), ``model`` the one holding the parameters; ``counter["steps"]`` counts the updates.
+    Returns the loss."""
     import torch
 
-    from shared.engine import training_loss
+    from shared.engine import grad_norm, training_loss
 
     with autocast():
         loss, _ = training_loss(forward, batch, noise, lam)
@@ -76,7 +77,7 @@ def engine_step(forward, model, optimizer, ema, batch: dict, noise, lam: float, 
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    norm = grad_norm(model.parameters())
     bad = bad | ~torch.isfinite(norm)
     figures = torch.stack([bad.double(), loss.detach().double(), norm.double()]).tolist()  # the one sync
     if figures[0] == 0:

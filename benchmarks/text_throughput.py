@@ -111,7 +111,7 @@ def bench_training(args, model, train_cfg, device, autocast) -> dict:
     import torch
 
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, training_loss
+    from shared.engine import EMA, grad_norm, training_loss
 
     g = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adamax(model.parameters(), lr=train_cfg.lr)
@@ -126,8 +126,8 @@ def bench_training(args, model, train_cfg, device, autocast) -> dict:
         with autocast():
             loss, _ = training_loss(model, batch, noise, lam)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # the skip guard's norm
-        if math.isfinite(grad_norm):
+        norm = float(grad_norm(model.parameters()))  # the skip guard's norm, as the engine takes it
+        if math.isfinite(norm):
             optimizer.step()
             steps_done += 1
             ema.update(model, steps_done)

@@ -169,6 +169,31 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     return optimizer
 
 
+def grad_norm(parameters, max_norm: float | None = None, accelerator=None) -> torch.Tensor:
+    """The total 2-norm of the gradients (the skip guard's figure), clipping them to ``max_norm`` when set.
+
+    ``torch.nn.utils.clip_grad_norm_(params, inf)``, the usual way to read the norm, still multiplies
+    every gradient by 1.0: a pass over all of them for nothing (3.7 ms of the binary preset's 1.4 s
+    step on a 2-core CPU). Without ``max_norm`` the norm alone is taken. With an ``accelerator`` its
+    ``clip_grad_norm_`` is used wherever gradients may be sharded (FSDP, DeepSpeed, XLA, ...), and fp16
+    gradients are unscaled first, as it does."""
+    if accelerator is not None:
+        from accelerate.utils import DistributedType
+
+        plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        if max_norm is not None or accelerator.distributed_type not in plain:
+            return accelerator.clip_grad_norm_(parameters, float("inf") if max_norm is None else max_norm)
+        accelerator.unscale_gradients()
+    elif max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 class EMA:
     """Exponential moving average of the weights, kept in fp32; used for evaluation and export."""
 
@@ -827,7 +852,7 @@ class Trainer:
             self._average_gradients()
         if fault("nan-grad", attempt):
             next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+        norm = grad_norm(list(self.model.parameters()), cfg.grad_clip or None, acc)
         norm = torch.as_tensor(norm, device=acc.device).detach().double()
         # VDVAE's guard: skip an update whose gradient norm is non-finite or above the threshold.
         local[0] += ~torch.isfinite(norm)
@@ -844,7 +869,7 @@ class Trainer:
         # The step's one host synchronisation: the decision and every figure in a single transfer (the
         # norm is this process's own, as before).
         figures = torch.cat([total, norm.view(1)]).tolist()
-        grad_norm = figures[-1]
+        norm_value = figures[-1]
         ok = figures[0] == 0
         if ok:
             self.optimizer.step()
@@ -862,7 +887,7 @@ class Trainer:
         if stop and self._stop_signal is None:  # another process was signalled
             self._stop_signal = "SIGTERM"
         result = {"loss": figures[2] / world, "elbo": figures[3] / world,
-                  "kl_per_group": [v / world for v in figures[4:4 + G]], "grad_norm": grad_norm, "skipped": not ok,
+                  "kl_per_group": [v / world for v in figures[4:4 + G]], "grad_norm": norm_value, "skipped": not ok,
                   "stop": stop, "out_of_time": out_of_time}
         if self.semi:
             self.state.labelled_batch_in_epoch += 1
