@@ -37,9 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast precision of training and evaluation (default no)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model, for training and the L_K evaluation; the first (compiling) step and "
-                        "the evaluation's warm-up chunk are timed apart and not in the figures")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model and the optimiser's step for training (default: as training does, "
+                        "the preset's choice for this device and precision: the binary preset compiles on a CPU in "
+                        "fp32 or bf16); given explicitly, the L_K evaluation runs the compiled forward too. The "
+                        "first (compiling) step and the evaluation's warm-up chunk are timed apart and not in the "
+                        "figures")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="2-D feature maps in channels_last memory format, as training runs them (default on)")
     p.add_argument("--iw-samples", type=int, default=1000, help="K of the timed L_K evaluation (default 1000; 0 skips)")
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
     from shared.bounds import auto_iw_chunk, iw_bound
     from shared.cli import pick_device
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, compile_optimizer_step, keep_freed_cpu_memory
+    from shared.engine import EMA, compile_optimizer_step, compile_wanted, keep_freed_cpu_memory
     from shared.nn import set_channels_last
 
     if args.threads:
@@ -122,9 +125,11 @@ def main(argv=None) -> dict:
     model = set_channels_last(ImageVAE(preset.model).to(device), args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     n_params = sum(p.numel() for p in model.parameters())
-    forward = torch.compile(model) if args.compile else model
+    compiled = args.compile if args.compile is not None else compile_wanted(preset.train.compile, device.type,
+                                                                             args.mixed_precision)
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.Adamax(model.parameters(), lr=preset.train.lr)
-    if args.compile:
+    if compiled:
         compile_optimizer_step(optimizer)  # as the engine does under --compile
     ema = EMA(model, preset.train.ema_decay)
     lam = float(preset.train.free_bits or 0.0)  # lambda per group, as at the start of training
@@ -171,7 +176,7 @@ def main(argv=None) -> dict:
         "benchmark": "image_throughput", "preset": args.preset, "model": args.model,
         "levels": preset.model.ladder.levels, "num_params": n_params, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch_threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision, "compile": args.compile,
+        "torch_threads": torch.get_num_threads(), "mixed_precision": args.mixed_precision, "compile": compiled,
         "keep_freed_cpu_memory": heap_kept,
         "channels_last": args.channels_last, "first_step_s": first_s,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
@@ -180,7 +185,8 @@ def main(argv=None) -> dict:
         "train_peak_memory_gib": train_peak / 2**30 if cuda else None,
     }
     print(f"{args.preset} {args.model} ({n_params / 1e6:.2f}M parameters) on {result['device_name']}, "
-          f"{args.mixed_precision} precision: training {result['train_images_per_s']:.1f} images/s "
+          f"{args.mixed_precision} precision, {'compiled' if compiled else 'eager'}: training "
+          f"{result['train_images_per_s']:.1f} images/s "
           f"({result['train_step_ms']:.1f} ms per step of {args.batch_size})", file=sys.stderr)
 
     if args.iw_samples:
@@ -189,8 +195,9 @@ def main(argv=None) -> dict:
         if len(x) < args.eval_batch_size:
             x = torch.randint(0, 256, (args.eval_batch_size, C, H, W), dtype=torch.uint8, generator=gen).to(device)
         batch = {"index": torch.arange(args.eval_batch_size, device=device), "x": x}
-        # --compile: L_K runs through the compiled forward too. The warm-up is one chunk of the timed
-        # batch's shape (a compiled model compiles it there), then the last, smaller chunk's shape if any.
+        # --compile given: L_K runs through the compiled forward too (training's evaluation never does). The
+        # warm-up is one chunk of the timed batch's shape (a compiled model compiles it there), then the last,
+        # smaller chunk's shape if any.
         scorer = forward if args.compile else model
         with torch.no_grad(), autocast():
             chunk = args.iw_chunk or auto_iw_chunk(model, batch, args.iw_samples)

@@ -138,7 +138,9 @@ class TrainConfig:
     classifier_weight: float = 0.1  # beta of shared.semi.alpha_rule: alpha = beta * (N_l + N_u) / N_l
     labelled_batch_size: int | None = None  # global labelled batch per step; None: min(batch_size, N_l)
     mixed_precision: str = "no"  # no | bf16 | fp16
-    compile: bool = False
+    # torch.compile the training step (model and optimiser): True, False, or "cpu" (where the step runs on a
+    # CPU in fp32 or bf16; the binary preset's default, where that was measured faster)
+    compile: bool | str = False
     num_workers: int = 0
     length_buckets: bool = False  # batches of similar lengths (text presets; needs a dataset with .lengths)
     channels_last: bool = True  # 2-D feature maps in NHWC (images; shared.nn.set_channels_last)

@@ -183,3 +183,96 @@ def test_compile_takes_the_optimiser_step_into_the_engine(tmp_path, monkeypatch)
     assert len(records[True]) == len(records[False]) == 4
     for a, b in zip(records[False], records[True]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("setting, device, precision, expected", [
+    (True, "cuda", "bf16", True), (False, "cpu", "no", False), ("cpu", "cpu", "no", True),
+    ("cpu", "cpu", "bf16", True), ("cpu", "cpu", "fp16", False), ("cpu", "cuda", "no", False),
+    ("cpu", "mps", "bf16", False)])
+def test_the_compile_setting_resolves_by_device_and_precision(setting, device, precision, expected):
+    """TrainConfig.compile "cpu" (the binary preset's default) compiles only where that was measured faster:
+    a CPU in fp32 or bf16."""
+    from shared.engine import compile_wanted
+
+    assert compile_wanted(setting, device, precision) is expected
+
+
+def test_a_bad_compile_setting_is_a_user_error():
+    from shared.engine import compile_wanted
+    from shared.errors import UserError
+
+    with pytest.raises(UserError, match="compile must be true, false or \"cpu\", got 'gpu'"):
+        compile_wanted("gpu", "cpu")
+
+
+def test_only_the_binary_preset_compiles_by_default():
+    from biva_image.presets import get_preset, with_labels
+    from biva_text.presets import PRESETS as TEXT_PRESETS
+    from biva_text.presets import get_preset as get_text_preset
+
+    assert get_preset("binary").train.compile == "cpu"
+    assert get_preset("binary", "lvae").train.compile == "cpu"
+    assert with_labels(get_preset("binary"), 10).train.compile is False  # semi-supervised: unmeasured
+    for name in ("cifar10", "celeba64", "tiny"):
+        assert get_preset(name).train.compile is False
+    for name in TEXT_PRESETS:
+        assert get_text_preset(name).train.compile is False
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flags_override_the_preset(flags, expected):
+    import argparse
+
+    from shared.cli import add_training_flags, training_overrides
+
+    p = argparse.ArgumentParser()
+    add_training_flags(p, ["binary", "tiny"], "image")
+    assert training_overrides(p.parse_args(flags)).get("compile") is expected
+
+
+@pytest.mark.parametrize("precision, compiled", [("no", True), ("bf16", True), ("fp16", False)])
+def test_the_engine_compiles_a_cpu_preset_in_fp32_and_bf16(tmp_path, monkeypatch, precision, compiled):
+    """compile "cpu" in the run's config: on this CPU the Trainer compiles the optimiser's step (and hands
+    accelerate the inductor backend for the model) in fp32 and bf16, and stays eager under fp16."""
+    from accelerate.state import AcceleratorState
+    from core_utils import ArrayDataset, build, tiny_run
+
+    from shared.engine import Trainer
+    from shared.run_dir import write_run_config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(type(fn).__name__) or fn)
+    cfg = tiny_image_config("biva", levels=2)
+    run = tiny_run(cfg, max_steps=1, compile="cpu", mixed_precision=precision)
+    write_run_config(tmp_path, run)
+    AcceleratorState._reset_state()
+    try:
+        trainer = Trainer(run, build(cfg), ArrayDataset(stripes(16)), ArrayDataset(stripes(8, seed=1)), tmp_path)
+        assert trainer.compiled is compiled
+        assert (trainer.accelerator.state.dynamo_plugin.backend.value.lower() == "inductor") is compiled
+        assert calls == (["method", "ImageVAE"] if compiled else [])  # the optimiser's bound step, the model
+    finally:
+        AcceleratorState._reset_state()
+
+
+def test_compiled_bf16_step_matches_eager_bf16():
+    """The binary preset compiles on a CPU under bf16 autocast too: the compiled step's loss and gradients
+    match the eager bf16 step's up to bf16 rounding (fused kernels round at other points)."""
+    torch.manual_seed(0)
+    cfg = tiny_image_config("biva", levels=2)
+    cfg.ladder.dropout_inference = cfg.ladder.dropout_generative = 0.2
+    model = ImageVAE(cfg).train()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="inductor")
+    batch = {"index": torch.arange(6), "x": torch.as_tensor(stripes(6))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_loss, eager_grads = loss_and_grads(model, batch)
+        with torch._inductor.config.patch(fallback_random=True):
+            compiled_loss, compiled_grads = loss_and_grads(compiled, batch, params_of=twin)
+    torch._dynamo.reset()
+    assert torch.isfinite(eager_loss) and compiled_loss.dtype == eager_loss.dtype == torch.float32
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=1e-3)
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in sorted(eager_grads)])  # noqa: E731
+    a, b = flat(eager_grads), flat(compiled_grads)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert (b.norm() / a.norm() - 1).abs() < 0.05

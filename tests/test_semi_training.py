@@ -1,6 +1,7 @@
 """Semi-supervised training (issue 10): the labelled subset is class-balanced and seeded, no label
 reaches the unlabelled stream, data without labels (or with too few) fail in one line, and the two
 streams resume exactly and split over processes like the single stream."""
+import dataclasses
 import json
 import re
 
@@ -217,7 +218,8 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, data, refere
 
 def test_the_papers_mnist_run_is_the_binary_preset_with_ten_classes():
     """--dataset mnist --labels-per-class 10 (Table 3): the binary preset's architecture and schedule, plus
-    the classifier and class conditioning of 10 classes; nothing else changes."""
+    the classifier and class conditioning of 10 classes; nothing else changes but compiling (off: the
+    semi-supervised step runs the uncompiled model)."""
     from biva_image.model import ImageVAE
     from biva_image.names import DATASET_PRESET
     from biva_image.presets import get_preset, with_labels
@@ -229,7 +231,7 @@ def test_the_papers_mnist_run_is_the_binary_preset_with_ten_classes():
     assert changed["ladder"].pop("num_classes") == 10 and plain.model.ladder.num_classes == 0
     plain_dict = to_dict(plain.model)
     plain_dict["ladder"].pop("num_classes")
-    assert changed == plain_dict and semi.train == plain.train
+    assert changed == plain_dict and semi.train == dataclasses.replace(plain.train, compile=False)
     model = ImageVAE(semi.model).eval()
     batch = {"index": torch.arange(2), "x": torch.zeros(2, 1, 28, 28, dtype=torch.uint8)}
     from shared.distributions import HashedNoise
