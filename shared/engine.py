@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -166,7 +167,24 @@ def compile_wanted(setting: bool | str, device_type: str, mixed_precision: str =
     elsewhere (GPUs, fp16) it stays eager until measured."""
     if setting not in (True, False, "cpu"):
         raise UserError(f"compile must be true, false or \"cpu\", got {setting!r}")
-    return setting is True or (setting == "cpu" and device_type == "cpu" and mixed_precision in ("no", "bf16"))
+    if setting != "cpu":
+        return setting
+    wanted = device_type == "cpu" and mixed_precision in ("no", "bf16")
+    if wanted and not _inductor_finds_a_compiler():  # a default must not fail where inductor cannot build
+        warnings.warn("the preset compiles its training step on a CPU, but inductor finds no C++ compiler "
+                      "(g++, clang++ or $CXX): training runs eager (--no-compile silences this)", stacklevel=2)
+        return False
+    return wanted
+
+
+def _inductor_finds_a_compiler() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - whatever inductor raises for "no compiler"
+        return False
+    return True
 
 
 def compile_optimizer_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -276,3 +276,19 @@ def test_compiled_bf16_step_matches_eager_bf16():
     a, b = flat(eager_grads), flat(compiled_grads)
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     assert (b.norm() / a.norm() - 1).abs() < 0.05
+
+
+def test_the_cpu_default_falls_back_to_eager_without_a_cpp_compiler(monkeypatch):
+    """A preset's default must not fail on a machine where inductor cannot build its CPU code: without a
+    C++ compiler "cpu" trains eager and says so; an explicit --compile is left to fail loudly."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from shared.engine import compile_wanted
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.warns(UserWarning, match="finds no C\\+\\+ compiler"):
+        assert compile_wanted("cpu", "cpu", "no") is False
+    assert compile_wanted(True, "cpu", "no") is True
