@@ -32,10 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import ArgumentParser, positive_int
+from shared.errors import run_cli
 
 HERE = Path(__file__).resolve().parent
 

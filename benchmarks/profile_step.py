@@ -26,15 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# The sibling benchmarks are loaded by file; the project root goes first on the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
+from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS
+from biva_text.names import TEXT_MODELS, TEXT_PRESETS
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int
+from shared.errors import run_cli
 
-from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS  # noqa: E402
-from biva_text.names import TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+HERE = Path(__file__).resolve().parent  # the sibling benchmarks are loaded by file
 
 
 def parse_args(argv=None):

@@ -184,3 +184,26 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, acceler
         result.per_example["index"] = _gather_per_example(accelerator, index, index.double())[0]
     model.train(was_training)
     return result
+
+
+@torch.no_grad()
+def classification_error(model, dataset: Dataset, accelerator, *, batch_size: int, max_examples: int | None,
+                         seed: int) -> float:
+    """Error of argmax q(y|x) of a conditional model on the examples ``evaluate`` scores with the same
+    ``max_examples`` and ``seed`` (a seeded subset, or all), sharded over processes like ``evaluate``."""
+    acc, labels = accelerator, dataset.labels
+    chosen = subset_indices(len(dataset), max_examples, seed, labels)
+    mine = chosen[acc.process_index::acc.num_processes].tolist()
+    counts = torch.zeros(2, dtype=torch.float64, device=acc.device)  # wrong, scored
+    model = model.eval()
+    for start in range(0, len(mine), batch_size):
+        part = mine[start:start + batch_size]
+        batch = _to_device(torch.utils.data.default_collate([dataset[i] for i in part]), acc.device)
+        with acc.autocast():
+            logits = model.classify(batch, HashedNoise(seed, batch["index"]))
+        truth = labels[torch.as_tensor(part)].to(acc.device)
+        counts[0] += (logits.argmax(-1) != truth).sum()
+        counts[1] += len(part)
+    if acc.num_processes > 1:
+        counts = acc.reduce(counts, reduction="sum")
+    return float(counts[0] / counts[1])

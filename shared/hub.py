@@ -1,5 +1,7 @@
-"""Fail at once when a hub dataset cannot be had, instead of letting ``datasets`` retry for half a
-minute. Torch-free and ``datasets``-free, so a training script can call it before its heavy imports.
+"""The Hugging Face Hub: datasets checked before they are loaded, and models fetched by repository id.
+Torch-free and ``datasets``-free, so a training script can call it before its heavy imports.
+
+Datasets fail at once when they cannot be had, instead of letting ``datasets`` retry for half a minute.
 
 ``require_hub_dataset`` decides before ``datasets.load_dataset`` is called:
 
@@ -19,10 +21,13 @@ import re
 import threading
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 from .errors import UserError
 
 PROBE_TIMEOUT_S = 3.0
+# A hub repository id: owner/name (letters, digits, "-", "_", "."), as huggingface_hub validates it.
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}  # datasets.config.ENV_VARS_TRUE_VALUES
 
 
@@ -119,3 +124,58 @@ def _go_offline() -> None:
 
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def fetch_model(repo_id: str, flag: str, required: tuple[str, ...]) -> Path:
+    """The local snapshot of hub model ``repo_id`` (fetched, or from the local cache) holding the files
+    ``required``; anything that fails is one UserError naming the fix."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def fail(why: str) -> UserError:
+        return UserError(f"{flag} {repo_id} is no local directory and could not be fetched from the Hugging Face "
+                         f"Hub ({why}); check the path or the repository id, or fetch it where the hub is reachable")
+
+    revision, unreachable = None, None
+    if not constants.HF_HUB_OFFLINE:
+        # snapshot_download resolves the revision with no timeout, so an endpoint that accepts the
+        # connection and never answers would hang it: resolve it here, with the hub's metadata timeout
+        # (HF_HUB_ETAG_TIMEOUT, 10 s by default).
+        try:
+            revision = huggingface_hub.HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+        except RepositoryNotFoundError:
+            raise fail("no such repository, or a private or gated one: log in with `hf auth login`") from None
+        except Exception as err:  # unreachable: the local cache may still hold it
+            unreachable = err
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=revision is None)
+    except Exception as err:  # network, cache and validation errors of an external service: one line
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set and the local hub cache does not hold it"
+        else:
+            why = _first_line(unreachable or err) + ", and the local hub cache does not hold it"
+        raise fail(why) from None
+    return _checked_snapshot(repo_id, folder, required)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _checked_snapshot(repo_id: str, folder: str, required: tuple[str, ...]) -> Path:
+    path = Path(folder)
+    if not all((path / name).is_file() for name in required):
+        raise UserError(f"hub repository {repo_id} holds no BIVA model ({' and '.join(required)}); "
+                        f"pass a repository written by scripts/export.py --push-to-hub")
+    return path
+
+
+def in_hub_cache(path: Path) -> bool:
+    """Whether ``path`` is a snapshot folder of the local hub cache (read-only, shared)."""
+    if len(path.parts) < 3 or path.parent.name != "snapshots":
+        return False
+    from huggingface_hub import constants
+
+    return path.resolve().is_relative_to(Path(constants.HF_HUB_CACHE).resolve())

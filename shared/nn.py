@@ -97,7 +97,7 @@ class WNConv(nn.Module):
         if self.channels_last:
             # Phase-major channels (a, b, o): in NHWC memory each phase's c_out channels lie together, so
             # the depth-to-space step moves whole runs of c_out floats (pixel_shuffle's channel order,
-            # o-major, makes every element a gather; compiled, a scalar loop: 12 ms of the binary step).
+            # o-major, makes every element a gather; compiled, a scalar loop).
             w = torch.einsum("auk,bvl,ockl->abocuv", A, A, w).reshape(s * s * c_out, c_in, n, n)
             y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, self.b.repeat(s * s), padding=n // 2)
             B, _, H, W = y.shape
@@ -111,13 +111,12 @@ def keep_mask(x: torch.Tensor, dropped: int, integer_lanes: bool | None = None) 
     """A 0/1 mask (uint8) in the layout of x, each element 0 with probability dropped / 65536.
 
     On a CPU (``integer_lanes`` None: by device) the mask comes from small random integers, several
-    from each 64-bit draw of the generator (``random_lanes``): torch's CPU generator runs on one
-    thread, and one uniform per element is about 4x slower (``bernoulli_`` 8x). Dropout 0.5 keeps an
-    element where its bit is 1, 64 elements per draw; another multiple of 2^-8 (0.25, ...) compares
-    eight 8-bit lanes per draw with a threshold, any other rate four 16-bit lanes. On other devices,
-    whose generators are parallel (and where a full-range int64 draw may not exist), it is one uniform
-    per element. A channels_last x gets a channels_last mask either way. The mask is uint8, not bool:
-    code compiled by inductor for a CPU reads a bool tensor about 16 times slower than a uint8 one."""
+    from each 64-bit draw of the generator (``random_lanes``), since torch's CPU generator runs on one
+    thread: dropout 0.5 keeps an element where its bit is 1, 64 elements per draw; another multiple of
+    2^-8 (0.25, ...) compares eight 8-bit lanes per draw with a threshold, any other rate four 16-bit
+    lanes. On other devices, whose generators are parallel (and where a full-range int64 draw may not
+    exist), it is one uniform per element. A channels_last x gets a channels_last mask either way. The
+    mask is uint8, not bool, which inductor's CPU code reads far faster (docs/performance.md)."""
     if integer_lanes is None:
         integer_lanes = x.device.type == "cpu"
     if not integer_lanes:
@@ -139,7 +138,7 @@ def keep_mask(x: torch.Tensor, dropped: int, integer_lanes: bool | None = None) 
 
 # (256,) int64 whose entry b holds in memory the eight bytes (b >> k) & 1, k = 0..7 (built byte-wise, so
 # the same on any endianness): unpacking one random byte into eight 0/1 mask elements is one lookup,
-# about 3x faster than shifting each byte eight times, eager or compiled.
+# faster than shifting each byte eight times, eager or compiled.
 _BIT_TABLE = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).to(torch.uint8).view(torch.int64).view(256)
 
 
@@ -240,9 +239,7 @@ def set_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
     Only activations change layout: every 2-D convolution takes and returns channels_last maps (and so
     does every module with a ``channels_last`` attribute, e.g. the ladder's dense-latent projections),
     so the whole network stays in one layout; parameters stay contiguous, as checkpoints store them.
-    Numbers are the same up to float rounding. Measured on a 2-core AVX512-BF16 CPU (the binary
-    preset's step, batch 48): about 1.1x faster in fp32 and in bf16 (benchmarks/image_throughput.py
-    --no-channels-last is the other side)."""
+    Numbers are the same up to float rounding; oneDNN's convolutions prefer it (docs/performance.md)."""
     for m in module.modules():
         if hasattr(m, "channels_last") and getattr(m, "ndim", 2) == 2:
             m.channels_last = enabled

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .cli import default_output_dir, training_overrides
 from .config import RunConfig, replace
 from .errors import UserError
 from .run_dir import (WEIGHTS, check_output_dir, check_resumable, latest_checkpoint, read_run_config, resolve_run,
                       run_step)
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -52,8 +55,6 @@ def check_init_reset(run: RunConfig, build: Callable) -> None:
     parts = (run.init_from or {}).get("reset")
     if parts:
         import torch
-
-        from .engine import reset_state
 
         with torch.device("meta"):
             reset_state(build(), parts)
@@ -137,6 +138,18 @@ def open_run(args: argparse.Namespace, modality: str, fresh: Callable[[], RunCon
 
 
 def _is_main_process() -> bool:
-    from .engine import process_state
+    from .launch import process_state
 
     return process_state().is_main_process
+
+
+def reset_state(model: "torch.nn.Module", parts: list[str]) -> dict:
+    """Copies of the state-dict entries of the modules named ``parts`` (--init-reset); one line naming
+    the modules there are when a name is not one of them."""
+    names = dict(model.named_modules())
+    unknown = [p for p in parts if p not in names or not p]
+    if unknown:
+        tops = sorted(n for n in names if n and "." not in n)
+        raise UserError(f"--init-reset {' '.join(unknown)}: not a part of this model; its parts are {', '.join(tops)}")
+    prefixes = tuple(p + "." for p in parts)
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}

@@ -136,3 +136,19 @@ def test_elbo_and_iw_bound_against_exact_likelihood():
     assert (exact - l1).min() > 0.01  # a real gap for the importance samples to close
     assert (l1000 - exact).abs().max() < 0.02
     assert (l1000 > l1).all()
+
+
+def test_iw_chunk_from_memory_gives_the_same_bound():
+    from shared.bounds import auto_iw_chunk
+
+    torch.manual_seed(0)
+    model = ImageVAE(tiny_image_config("biva")).eval()
+    b = batch_of(stripes(5))
+    chunk = auto_iw_chunk(model, b, 40)
+    assert 1 <= chunk <= 40
+    fixed = iw_bound(model, b, 40, seed=2, chunk_size=7)
+    torch.testing.assert_close(iw_bound(model, b, 40, seed=2, chunk_size=None), fixed, rtol=0, atol=1e-5)
+    data = ArrayDataset(stripes(10))
+    auto = evaluate(model, data, batch_size=4, seed=2, iw_samples=12, iw_chunk=None)
+    one = evaluate(model, data, batch_size=4, seed=2, iw_samples=12, iw_chunk=1)
+    assert auto.iw == pytest.approx(one.iw, abs=1e-5)

@@ -218,7 +218,7 @@ def test_metrics_held_on_a_full_disk_are_written_once_space_is_freed(tmp_path, c
 
     def free_space_then_save():
         if trainer.state.step == 6:
-            assert trainer.pending_metrics  # held in memory, not lost
+            assert trainer.metrics.pending  # held in memory, not lost
             trainer.faults = Faults(0, "")
         return save()
 
