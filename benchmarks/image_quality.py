@@ -2,7 +2,7 @@
 """Does the image model learn real images? A few CPU minutes of training on real photo patches,
 scored on the test patches against an independent per-pixel histogram model.
 
-    python benchmarks/image_quality.py                      # about 3-5 minutes on 2 CPU cores
+    python benchmarks/image_quality.py                      # run times and results: docs/benchmarks.md
     python benchmarks/image_quality.py --max-steps 300      # a quick look
 
 Data: 16x16 greyscale patches from benchmarks/real_images.py (CC0 / public-domain photographs;
@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _script(name: str):

@@ -19,11 +19,8 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS  # noqa: E402
+from biva_image.names import IMAGE_MODELS, IMAGE_PRESETS
 
 
 def parse_args(argv=None):

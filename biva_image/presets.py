@@ -41,8 +41,8 @@ def binary(levels: int = 6) -> ImagePreset:
     model = ImageModelConfig(image_shape=[1, 28, 28], likelihood="bernoulli", binarize="dynamic", ladder=ladder)
     # Free bits 2 nats per group, dropped straight to the floor 0 (the paper's lambda = 0 fine-tuning) once
     # validation stalls; the floor must be 0 explicitly, since free_bits_min is a floor the budget stops at.
-    # compile "cpu" (ours): the training step compiled where it runs on a CPU (fp32 or bf16), where it
-    # measured faster than eager (shared.engine.compile_wanted); --no-compile runs eager.
+    # compile "cpu" (ours): the training step compiled where it runs on a CPU (fp32 or bf16), faster there
+    # than eager (docs/performance.md; shared.engine.compile_wanted); --no-compile runs eager.
     train = TrainConfig(epochs=500, batch_size=48, lr=2e-3, eval_every=2000, save_every=2000, free_bits=2.0,
                         free_bits_factor=0.0, free_bits_patience=10, free_bits_min=0.0, ema_decay=0.9995,
                         compile="cpu")

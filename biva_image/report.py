@@ -1,11 +1,15 @@
-"""The image report (CONTRACTS.md, Report JSON) and the ablation table built from several reports.
+"""The image report (CONTRACTS.md, Report JSON) of a run, as report_image.py writes it, and the
+ablation table built from several reports.
 
-Importing this module is torch-free (``compare_image.py`` only reads JSON); ``image_report``
-imports the evaluation when called.
+Importing this module is torch-free (``compare_image.py`` only reads JSON, report_image.py checks its
+flags first); ``image_report`` and ``report_run`` import the evaluation when called.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+import time
 from pathlib import Path
 
 from shared.config import read_json
@@ -162,3 +166,93 @@ def compare_table(rows: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} | {r.get('model', '?')} | {r.get('levels', '?')} | {r['num_params'] / 1e6:.2f}M | "
                      f"{r['bits_per_dim_elbo']:.3f} | {iw} | {active_groups}/{groups} | {r['active_units']['total']} |")
     return "\n".join(lines)
+
+
+def report_run(args: argparse.Namespace) -> dict:
+    """What report_image.py does with its parsed flags: every input checked before the first (slow)
+    evaluation and before anything is written, then the bounds (and the classifier's error, the anomaly
+    curve against an OOD set) of ``args.run``, written as RUN/report-<split>.json (and ``args.json``) with
+    its plots, and printed as a table. Returns the report."""
+    from shared.run_dir import output_dir, resolve_run, run_step
+
+    from .runs import check_image_run
+
+    args.run = resolve_run(args.run)
+    run = check_image_run(args.run)
+    levels = run.model["ladder"]["levels"]
+    ood_k = sorted(set(args.ood_k)) if args.ood_k else list(range(levels))
+    if ood_k[-1] >= levels:
+        raise UserError(f"--ood-k {ood_k[-1]} is out of range for a ladder of {levels} levels; use 0..{levels - 1}")
+
+    from shared.cli import pick_device
+    from shared.config import write_json_atomic
+    from shared.evaluate import subset_info
+
+    from .anomaly import anomaly_curve
+    from .data import ImageDataset
+    from .plots import plot_anomaly, plot_confusion, plot_kl_per_group
+    from .runs import check_shape, load_image_model, load_ood, load_split, run_data_config
+
+    data = load_split(run_data_config(run, args.data_dir), args.split)
+    check_shape(data, run.model["image_shape"], "data")
+    ood = None
+    if args.ood_dataset is not None or args.ood_data_dir is not None:
+        ood = load_ood(run, args.ood_split or args.split, args.ood_dataset, args.ood_data_dir,
+                       fallback_all=args.ood_split is None)
+        check_shape(ood, run.model["image_shape"], "OOD set")
+    num_classes = run.model["ladder"].get("num_classes", 0)
+    if num_classes:
+        check_class_labels(data.labels, num_classes, data.name)
+
+    device = pick_device(args.device)
+    model = load_image_model(args.run, run, device)
+    if args.compile:
+        import torch
+
+        model = torch.compile(model)  # attributes and other methods reach the model itself, uncompiled
+    t_eval = time.perf_counter()
+
+    in_set = ImageDataset(data.images, data.labels)
+    kw = dict(batch_size=args.batch_size, seed=args.seed, max_examples=args.max_examples, device=device,
+              iw_chunk=args.iw_chunk)
+    report = {"run": str(args.run), "split": args.split, "data": data.name, "preset": run.preset,
+              "model": model.cfg.ladder.variant, "levels": model.cfg.ladder.levels,
+              "likelihood": model.cfg.likelihood, "seed": args.seed}
+    report["step"] = run_step(args.run)
+    report["weights"] = "ema"  # model.safetensors: the EMA weights of the checkpoint at "step"
+    report["compiled"] = args.compile
+    report.update(image_report(model, in_set, iw_samples=args.iw_samples, **kw))
+    if num_classes and data.labels is not None:
+        report.update(classification_report(model, in_set, batch_size=args.batch_size, seed=args.seed,
+                                            max_examples=args.max_examples, device=device))
+    elif num_classes:
+        report.update(classification_error=None, confusion_matrix=None,
+                      classification_note=f"the {data.name} has no labels (an image folder needs class subfolders)")
+    if ood is not None:
+        report["ood"] = ood.name
+        ood_set = ImageDataset(ood.images, ood.labels)
+        report["ood_subset"] = subset_info(len(ood_set), args.max_examples, args.seed, ood_set.labels)
+        report["anomaly"] = anomaly_curve(model, in_set, ood_set, ood_k, iw_samples=args.ood_iw_samples, **kw)
+    if args.compile:
+        print(f"--compile: the evaluation took {time.perf_counter() - t_eval:.1f} s, compilation included",
+              file=sys.stderr)
+
+    out = output_dir(args.run)  # the run itself, or ./NAME for a hub or read-only one
+    path = report_path(out, args.split)
+    write_json_atomic(path, report)
+    written = [path]
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.json, report)
+        written.append(args.json)
+    title = f"{report['model']} L={report['levels']}, {args.split}"
+    written.append(plot_kl_per_group(report["kl_per_group"], out / f"report-{args.split}-kl.png", title))
+    if report.get("confusion_matrix") is not None:
+        written.append(plot_confusion(report["confusion_matrix"], out / f"report-{args.split}-confusion.png",
+                                      f"{title}: error {100 * report['classification_error']:.2f}%"))
+    if ood is not None:
+        written.append(plot_anomaly(report["anomaly"], out / f"report-{args.split}-anomaly.png",
+                                    f"{data.name} vs {ood.name}"))
+    print(format_report(report))
+    print("wrote " + ", ".join(map(str, written)))
+    return report

@@ -1,4 +1,5 @@
-"""Opening a trained image run for sampling, reconstruction and reports.
+"""Opening a trained image run for sampling, reconstruction and reports: its config, model and data
+(the recorded splits, or an out-of-distribution set).
 
 ``check_image_run`` is torch-free, so a script refuses a wrong ``--run`` (missing, not a run, a text
 run, no exported weights) before it imports anything heavy; the loaders import torch when called.
@@ -71,7 +72,7 @@ def load_split(data_cfg, split: str, fallback_all: bool = False) -> SplitData:
 
     from .data import load_image_splits
 
-    splits = load_image_splits(data_cfg)
+    splits = load_image_splits(data_cfg, require_train=False)  # an evaluation set may have no train/
     where = data_cfg.data_dir or data_cfg.dataset
     images = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     labels = {"train": splits.train_labels, "valid": splits.valid_labels, "test": splits.test_labels}[split]
@@ -86,6 +87,24 @@ def load_split(data_cfg, split: str, fallback_all: bool = False) -> SplitData:
     # with --valid-size 0 the validation images were trained on: say so wherever they are scored
     note = " (a seeded subset of train)" if split == "valid" and splits.valid_from == "train" else ""
     return SplitData(images, f"{split} split of {where}{note}", splits.shape, labels)
+
+
+def load_ood(run: RunConfig, split: str, dataset: str | None = None, data_dir: str | Path | None = None,
+             fallback_all: bool = True) -> SplitData:
+    """The out-of-distribution set of a report: ``split`` of the hub ``dataset`` or the image folder
+    ``data_dir`` (a folder of only test/ will do), or with ``fallback_all`` all its images when it has no
+    such split. It is read with the run's split seed and cache folder, into the uint8 (N, C, H, W) arrays
+    the in-distribution data become: the model then scales (and, for a Bernoulli run, binarises) both
+    sets alike."""
+    from .data import ImageDataConfig
+
+    saved = run.data or {}
+    cfg = ImageDataConfig(dataset=dataset or "folder", data_dir=str(data_dir) if data_dir else None,
+                          split_seed=saved.get("split_seed", 0), cache_dir=saved.get("cache_dir"))
+    try:
+        return load_split(cfg, split, fallback_all=fallback_all)
+    except UserError as err:  # data.py speaks of --data-dir; here the flag is --ood-data-dir
+        raise UserError(str(err).replace("--data-dir", "--ood-data-dir")) from None
 
 
 def check_shape(data: SplitData, model_shape, what: str) -> None:

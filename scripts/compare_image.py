@@ -12,13 +12,10 @@ Reads RUN/report-<split>.json; needs no GPU and no data.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import ArgumentParser
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):

@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser
+from shared.errors import UserError, run_cli
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 TOKENIZER = "tokenizer.model"
@@ -64,12 +61,12 @@ def _load(run_dir: Path, run):
 
 
 def _image_datasets(data: dict) -> tuple[str, list[str]]:
-    from biva_image.data import _RECIPES  # the hub id each named dataset is read from
+    from biva_image.sources import RECIPES  # the hub id each named dataset is read from
 
     name = data.get("dataset")
-    if name == "folder" or name not in _RECIPES:
+    if name == "folder" or name not in RECIPES:
         return f"image folder {data.get('data_dir')}", []
-    recipe = _RECIPES[name]
+    recipe = RECIPES[name]
     where = f" (local copy {data['data_dir']})" if data.get("data_dir") else ""
     return f"{name}{where}", [recipe.hub_id] if recipe.hub_id else []
 

@@ -13,14 +13,12 @@ config.json ("data"), or from --data-dir (a local copy of the same dataset, or a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_image.names import GRID_SCALE_HELP  # noqa: E402
-from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from biva_image.generate import reconstruct_run
+from biva_image.names import GRID_SCALE_HELP
+from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_int
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -49,43 +47,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> Path:
-    args = parse_args(argv)
-    from biva_image.runs import check_image_run
-    from shared.run_dir import output_dir, resolve_run
-
-    args.run = resolve_run(args.run)
-    run = check_image_run(args.run)
-    levels = run.model["ladder"]["levels"]
-    bad = [k for k in args.from_level if k >= levels]
-    if bad:
-        raise UserError(f"--from-level {bad[0]} is out of range for a ladder of {levels} levels; use 0..{levels - 1}")
-
-    import torch
-
-    from biva_image.runs import check_shape, load_image_model, load_split, run_data_config
-    from biva_image.viz import save_grid
-    from shared.distributions import HashedNoise
-
-    data = load_split(run_data_config(run, args.data_dir), args.split)
-    check_shape(data, run.model["image_shape"], "data")
-    from shared.cli import pick_device
-
-    device = pick_device(args.device)
-    model = load_image_model(args.run, run, device)
-    n = min(args.num, len(data.images))
-    x = torch.from_numpy(data.images[:n].copy()).to(device)
-    batch = {"index": torch.arange(n, device=device), "x": x}
-    rows = [x.cpu()]
-    for k in args.from_level:
-        noise = HashedNoise(args.seed, batch["index"])  # the same latent noise for every k
-        rows.append(model.reconstruct(batch, noise, from_level=k, mode=args.output).cpu())
-    if model.cfg.likelihood == "bernoulli":  # show what the model saw: the binarised inputs
-        rows[0] = (model.binarized(x, HashedNoise(args.seed, batch["index"]).per_example()) * 255).to(torch.uint8).cpu()
-    out = args.out or output_dir(args.run) / "samples" / "recon.png"
-    save_grid(torch.cat(rows).numpy(), out, ncol=n, scale=args.scale)
-    print(f"{n} images from the {data.name}: inputs (top row), reconstructions from levels > "
-          f"{', '.join(map(str, args.from_level))} below -> {out}")
-    return out
+    return reconstruct_run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,12 @@ NLL: nats per image and bits/dim, lower is better. The evaluation noise is seede
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_image.names import IMAGE_DATASETS  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from biva_image.names import IMAGE_DATASETS
+from biva_image.report import report_run
+from shared.cli import ArgumentParser, nonneg_int, positive_int
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -60,7 +57,8 @@ def parse_args(argv=None):
     a = p.add_argument_group("anomaly detection (paper Table 6)")
     a.add_argument("--ood-dataset", choices=IMAGE_DATASETS,
                    help="out-of-distribution hub dataset, e.g. svhn against a cifar10 run")
-    a.add_argument("--ood-data-dir", type=Path, help="out-of-distribution image folder (or local copy of --ood-dataset)")
+    a.add_argument("--ood-data-dir", type=Path, help="out-of-distribution image folder, e.g. one holding only test/ "
+                   "(or a local copy of --ood-dataset); read into the arrays the run's own data become")
     a.add_argument("--ood-split", choices=["train", "valid", "test"],
                    help="split of the OOD set (default: --split; all its images when it has no such split)")
     a.add_argument("--ood-k", type=nonneg_int, nargs="+", metavar="K",
@@ -84,105 +82,8 @@ def parse_args(argv=None):
     return args
 
 
-def _load_ood(args, run):
-    from biva_image.data import ImageDataConfig
-    from biva_image.runs import load_split
-
-    saved = run.data or {}
-    cfg = ImageDataConfig(dataset=args.ood_dataset or "folder",
-                          data_dir=str(args.ood_data_dir) if args.ood_data_dir else None,
-                          split_seed=saved.get("split_seed", 0), cache_dir=saved.get("cache_dir"))
-    try:
-        return load_split(cfg, args.ood_split or args.split, fallback_all=args.ood_split is None)
-    except UserError as err:  # data.py speaks of --data-dir; here the flag is --ood-data-dir
-        raise UserError(str(err).replace("--data-dir", "--ood-data-dir")) from None
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from biva_image.runs import check_image_run
-    from shared.run_dir import output_dir, resolve_run
-
-    args.run = resolve_run(args.run)
-    run = check_image_run(args.run)
-    levels = run.model["ladder"]["levels"]
-    ood_k = sorted(set(args.ood_k)) if args.ood_k else list(range(levels))
-    if ood_k[-1] >= levels:
-        raise UserError(f"--ood-k {ood_k[-1]} is out of range for a ladder of {levels} levels; use 0..{levels - 1}")
-
-    from biva_image.anomaly import anomaly_curve
-    from biva_image.data import ImageDataset
-    from biva_image.plots import plot_anomaly, plot_confusion, plot_kl_per_group
-    from biva_image.report import check_class_labels, classification_report, format_report, image_report, report_path
-    from biva_image.runs import check_shape, load_image_model, load_split, run_data_config
-    from shared.config import write_json_atomic
-    from shared.evaluate import subset_info
-    from shared.run_dir import run_step
-
-    # Every input is checked before the first (slow) evaluation and before anything is written.
-    data = load_split(run_data_config(run, args.data_dir), args.split)
-    check_shape(data, run.model["image_shape"], "data")
-    ood = None
-    if args.ood_dataset is not None or args.ood_data_dir is not None:
-        ood = _load_ood(args, run)
-        check_shape(ood, run.model["image_shape"], "OOD set")
-    num_classes = run.model["ladder"].get("num_classes", 0)
-    if num_classes:
-        check_class_labels(data.labels, num_classes, data.name)
-    from shared.cli import pick_device
-
-    device = pick_device(args.device)
-    model = load_image_model(args.run, run, device)
-    if args.compile:
-        import torch
-
-        model = torch.compile(model)  # attributes and other methods reach the model itself, uncompiled
-    t_eval = time.perf_counter()
-
-    in_set = ImageDataset(data.images, data.labels)
-    kw = dict(batch_size=args.batch_size, seed=args.seed, max_examples=args.max_examples, device=device,
-              iw_chunk=args.iw_chunk)
-    report = {"run": str(args.run), "split": args.split, "data": data.name, "preset": run.preset,
-              "model": model.cfg.ladder.variant, "levels": model.cfg.ladder.levels,
-              "likelihood": model.cfg.likelihood, "seed": args.seed}
-    report["step"] = run_step(args.run)
-    report["weights"] = "ema"  # model.safetensors: the EMA weights of the checkpoint at "step"
-    report["compiled"] = args.compile
-    report.update(image_report(model, in_set, iw_samples=args.iw_samples, **kw))
-    if num_classes and data.labels is not None:
-        report.update(classification_report(model, in_set, batch_size=args.batch_size, seed=args.seed,
-                                            max_examples=args.max_examples, device=device))
-    elif num_classes:
-        report.update(classification_error=None, confusion_matrix=None,
-                      classification_note=f"the {data.name} has no labels (an image folder needs class subfolders)")
-    if ood is not None:
-        report["ood"] = ood.name
-        ood_set = ImageDataset(ood.images, ood.labels)
-        report["ood_subset"] = subset_info(len(ood_set), args.max_examples, args.seed, ood_set.labels)
-        report["anomaly"] = anomaly_curve(model, in_set, ood_set, ood_k, iw_samples=args.ood_iw_samples, **kw)
-    if args.compile:
-        print(f"--compile: the evaluation took {time.perf_counter() - t_eval:.1f} s, compilation included",
-              file=sys.stderr)
-
-    out = output_dir(args.run)  # the run itself, or ./NAME for a hub or read-only one
-    path = report_path(out, args.split)
-    write_json_atomic(path, report)
-    written = [path]
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, report)
-        written.append(args.json)
-    title = f"{report['model']} L={report['levels']}, {args.split}"
-    written.append(plot_kl_per_group(report["kl_per_group"], out / f"report-{args.split}-kl.png", title))
-    if report.get("confusion_matrix") is not None:
-        written.append(plot_confusion(report["confusion_matrix"], out / f"report-{args.split}-confusion.png",
-                                      f"{title}: error {100 * report['classification_error']:.2f}%"))
-    if ood is not None:
-        written.append(plot_anomaly(report["anomaly"], out / f"report-{args.split}-anomaly.png",
-                                    f"{data.name} vs {ood.name}"))
-    print(format_report(report))
-    print("wrote " + ", ".join(map(str, written)))
-    return report
+    return report_run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,12 @@ Without --class, y is drawn uniformly.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_image.names import GRID_SCALE_HELP  # noqa: E402
-from shared.cli import (ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int,  # noqa: E402
-                        word_or)
-from shared.errors import UserError, run_cli  # noqa: E402
+from biva_image.generate import sample_run
+from biva_image.names import GRID_SCALE_HELP
+from shared.cli import ArgumentParser, auto_or_positive_int, nonneg_int, positive_float, positive_int, word_or
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -60,57 +57,8 @@ def parse_args(argv=None):
     return args
 
 
-def _check_class(choice, num_classes: int, run_dir) -> None:
-    if choice is None:
-        return
-    if not num_classes:
-        raise UserError(f"--class needs a semi-supervised run (train_image.py --labels-per-class); {run_dir} "
-                        f"is unconditional: drop --class")
-    if choice != "all" and choice >= num_classes:
-        raise UserError(f"--class {choice} is out of range: the run has {num_classes} classes, 0..{num_classes - 1} "
-                        f"(or all)")
-
-
 def main(argv=None) -> Path:
-    args = parse_args(argv)
-    from biva_image.runs import check_image_run
-    from shared.run_dir import output_dir, resolve_run
-
-    args.run = resolve_run(args.run)
-    run = check_image_run(args.run)  # torch-free: a wrong --run fails before torch is imported
-    num_classes = run.model["ladder"].get("num_classes", 0)
-    _check_class(args.class_, num_classes, args.run)
-    import torch
-
-    from biva_image.runs import load_image_model
-    from biva_image.viz import save_grid
-    from shared.distributions import HashedNoise
-
-    from shared.cli import pick_device
-
-    device = pick_device(args.device)
-    model = load_image_model(args.run, run, device)
-    # Noise keyed by (seed, image number): the same images whatever --batch-size or device. With
-    # --class all, row c repeats the keys 0..num-1 under y = c.
-    rows = num_classes if args.class_ == "all" else 1
-    keys = torch.arange(args.num, device=device).repeat(rows)
-    classes = None
-    if args.class_ == "all":
-        classes = torch.arange(num_classes, device=device).repeat_interleave(args.num)
-    elif args.class_ is not None:
-        classes = torch.full((args.num,), args.class_, dtype=torch.long, device=device)
-    images = []
-    for start in range(0, len(keys), args.batch_size):
-        key = keys[start:start + args.batch_size]
-        y = None if classes is None else classes[start:start + args.batch_size]
-        images.append(model.sample(len(key), temperature=args.latent_temperature, mode=args.output,
-                                   noise=HashedNoise(args.seed, key), y=y).cpu())
-    out = args.out or output_dir(args.run) / "samples" / "samples.png"
-    ncol = args.num if args.class_ == "all" else args.ncol
-    save_grid(torch.cat(images).numpy(), out, ncol=ncol, scale=args.scale)
-    what = {None: "", "all": f", {args.num} per class, one row per class"}.get(args.class_, f", class {args.class_}")
-    print(f"{len(keys)} samples (latent temperature {args.latent_temperature}, output {args.output}{what}) -> {out}")
-    return out
+    return sample_run(parse_args(argv))
 
 
 if __name__ == "__main__":

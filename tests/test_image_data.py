@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from biva_image import data
+from biva_image import data, sources
 from biva_image.data import ImageDataConfig, ImageDataset, image_shape, load_image_splits
 from shared.errors import UserError
 
@@ -332,6 +332,46 @@ def test_folder_with_mixed_channel_counts_is_a_user_error(tmp_path):
     _save(root / "b.png", np.zeros((16, 16, 3), np.uint8))
     with pytest.raises(UserError, match=r"b\.png is 16x16 pixels with 3 channels, expected 16x16 pixels with 1 channel"):
         load_image_splits(_cfg(tmp_path, dataset="folder", data_dir=str(root)))
+
+
+def test_a_folder_of_only_test_loads_for_evaluation_and_training_refuses_it(tmp_path):
+    """An out-of-distribution set is often just test/: it loads (without train or validation images)
+    wherever evaluation reads it; training still needs training images."""
+    root = tmp_path / "ood"
+    for i in range(5):
+        _save(root / "test" / f"{i}.png", np.full((4, 6), 10 * i, np.uint8))
+    cfg = _cfg(tmp_path, dataset="folder", data_dir=str(root))
+    for _ in range(2):  # converted, then read from the cache
+        splits = load_image_splits(cfg, require_train=False)
+        assert splits.test.shape == (5, 1, 4, 6) and _ids(splits.test) == {0, 10, 20, 30, 40}
+        assert splits.train.shape == splits.valid.shape == (0, 1, 4, 6) and splits.shape == (1, 4, 6)
+        assert splits.valid_from == "none" and splits.test_labels is None
+    assert image_shape(cfg) == (1, 4, 6)
+    with pytest.raises(UserError, match=r"has test images but no training images; add a train/ folder"):
+        load_image_splits(cfg)
+
+
+def test_symbolic_links_are_followed_in_image_folders_without_looping(tmp_path):
+    """A split folder (or a file, or a class folder) may be a symbolic link to where the images are; a
+    link back to a folder above it is entered once, not forever."""
+    elsewhere = tmp_path / "elsewhere"
+    for i in range(6):
+        _save(elsewhere / "train-images" / ("cat" if i < 3 else "dog") / f"{i}.png", np.full((4, 4), i, np.uint8))
+    _save(elsewhere / "cat.png", np.full((4, 4), 100, np.uint8))
+    _save(elsewhere / "dogs" / "d.png", np.full((4, 4), 101, np.uint8))
+    root = tmp_path / "linked"
+    (root / "test" / "cat").mkdir(parents=True)
+    (root / "train").symlink_to(elsewhere / "train-images", target_is_directory=True)
+    (root / "test" / "cat" / "c.png").symlink_to(elsewhere / "cat.png")
+    (root / "test" / "dog").symlink_to(elsewhere / "dogs", target_is_directory=True)
+    (elsewhere / "train-images" / "cat" / "again").symlink_to(elsewhere / "train-images", target_is_directory=True)  # a cycle
+    (root / "test" / "dog" / "up").symlink_to(root / "test", target_is_directory=True)  # a cycle through a link
+    splits = load_image_splits(_cfg(tmp_path, dataset="folder", data_dir=str(root), valid_size=1))
+    assert len(splits.train) + len(splits.valid) == 6 and _ids(splits.train) | _ids(splits.valid) == set(range(6))
+    assert splits.test[:, 0, 0, 0].tolist() == [100, 101] and splits.test_labels.tolist() == [0, 1]  # cat, dog
+    assert splits.train_labels.tolist() == [0 if i < 3 else 1 for i in sorted(_ids(splits.train))]
+    assert sources.walk_files(root) == [root / "test" / "cat" / "c.png", root / "test" / "dog" / "d.png"] + [
+        root / "train" / ("cat" if i < 3 else "dog") / f"{i}.png" for i in range(6)]
 
 
 def test_empty_folder_and_missing_folder_are_user_errors(tmp_path):

@@ -311,6 +311,56 @@ def test_bad_data_is_one_sentence_and_writes_nothing(world, tmp_path):
     assert before == after
 
 
+def _noise_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["test-folder", "test-link"])
+def test_an_ood_folder_of_only_test_is_scored(world, tmp_path, layout):
+    """What an OOD set usually is: a folder with only test/, or a test/ that is a symbolic link to the
+    images; every image of it is scored."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)  # the shared run's own reports stay as the other tests left them
+    ood = tmp_path / "ood"
+    if layout == "test-folder":
+        _write_folder(ood / "test", _noise_images(12, seed=3))
+    else:
+        _write_folder(tmp_path / "noise-pngs", _noise_images(12, seed=3))
+        ood.mkdir()
+        (ood / "test").symlink_to(tmp_path / "noise-pngs", target_is_directory=True)
+    for extra in ([], ["--ood-split", "test"]):
+        result = report_image.main(["--run", str(run), "--iw-samples", "0", "--ood-data-dir", str(ood),
+                                    "--ood-k", "0", *extra])
+        assert result["ood"] == f"test split of {ood}" and result["ood_subset"] is None
+        assert result["anomaly"][0]["auroc"] > 0.9  # uniform noise against bars, as with the flat OOD folder
+    with pytest.raises(UserError, match="has no valid split"):  # a split the folder lacks, asked for
+        report_image.main(["--run", str(run), "--iw-samples", "0", "--ood-data-dir", str(ood), "--ood-split", "valid"])
+
+
+def test_the_ood_set_goes_through_the_in_distribution_preprocessing(world, tmp_path):
+    """The OOD set becomes the uint8 (N, C, H, W) arrays the run's own data become (dtype, shape, pixels),
+    and the model binarises it as it binarises them: an OOD folder holding the in-distribution test
+    images scores exactly as the test split does under a (dynamically binarised) Bernoulli run."""
+    from biva_image.runs import load_ood, load_split, run_data_config
+    from shared.run_dir import read_run_config
+
+    run = tmp_path / "bernoulli"
+    train_image.main(["--data-dir", str(world["data"]), "--preset", "tiny", "--likelihood", "bernoulli",
+                      "--output-dir", str(run), "--max-steps", "2", "--eval-every", "2", "--save-every", "2",
+                      "--batch-size", "16", "--cache-dir", str(world["root"] / "cache")])
+    config = read_run_config(run, "image")
+    assert config.model["likelihood"] == "bernoulli" and config.model["binarize"] == "dynamic"
+    ood = tmp_path / "ood"
+    shutil.copytree(world["data"] / "test", ood / "test")
+    data, od = load_split(run_data_config(config), "test"), load_ood(config, "test", data_dir=ood)
+    assert od.images.dtype == data.images.dtype == np.uint8
+    assert od.images.shape == data.images.shape == (48, *config.model["image_shape"])
+    np.testing.assert_array_equal(od.images, data.images)
+    report = report_image.main(["--run", str(run), "--iw-samples", "0", "--ood-data-dir", str(ood)])
+    for row in report["anomaly"]:  # the same binarised inputs, the same noise: the same scores
+        assert row["bpd_ood"] == row["bpd_in"] and row["auroc"] == 0.5, row
+
+
 def test_offline_ood_hub_set_names_ood_data_dir(world, monkeypatch):
     import datasets
 

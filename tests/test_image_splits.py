@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from biva_image import data
+from biva_image import sources
 from biva_image.data import ImageDataConfig, load_image_splits
 from shared.errors import UserError
 
@@ -89,7 +89,7 @@ def test_chardata_is_converted_once_then_read_from_the_cache(tmp_path, monkeypat
     def must_not_be_called(path):
         raise AssertionError("the cached arrays should have been used")
 
-    monkeypatch.setattr(data, "_convert_chardata", must_not_be_called)
+    monkeypatch.setattr(sources, "_convert_chardata", must_not_be_called)
     second = load_image_splits(cfg)
     np.testing.assert_array_equal(first.test, second.test)
     np.testing.assert_array_equal(first.train_labels, second.train_labels)
