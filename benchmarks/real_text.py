@@ -21,35 +21,36 @@ How to install it
     or ``$JANEAUSTENR_ROOT``, the directory the package was unpacked into.
 
 What comes out
-    About 37,000 sentences: paragraphs are rebuilt from the wrapped lines, titles and chapter
-    headings dropped, Gutenberg's ``_italics_`` marks removed, then the text is split into sentences
-    at ``. ! ?`` (not after Mr., Mrs., Dr., St. and the like), lower-cased and tokenised the way
+    31,438 sentences: paragraphs are rebuilt from the wrapped lines, titles and chapter headings
+    dropped, Gutenberg's ``_italics_`` marks removed, then the text is split into sentences at
+    ``. ! ?`` (not after Mr., Mrs., Dr., St. and the like), lower-cased and tokenised the way
     BookCorpus is: spaces around punctuation, ``--`` dashes and quotes, contractions split
     (``do n't``, ``emma 's``, ``i 'll``).
 
-    python benchmarks/real_text.py OUT_DIR [--fetch] [--valid-size 1000] [--test-size 1000] [--seed 0]
+    python benchmarks/real_text.py --fetch --write-corpus biva_text/corpora/austen.txt.xz
+    python benchmarks/real_text.py OUT_DIR [--valid-size 1000] [--test-size 1000] [--seed 0]
 
-writes ``OUT_DIR/{train,valid,test}.txt`` (one sentence per line, a seeded random split), ready
-for ``--train-files OUT_DIR/train.txt --valid-files OUT_DIR/valid.txt --test-files OUT_DIR/test.txt``.
+The first writes every sentence, one per line in reading order, xz-compressed: the corpus shipped
+with the package (``--dataset austen``; biva_text/corpora/README.md). The second writes
+``OUT_DIR/{train,valid,test}.txt`` (a seeded random split), ready for ``--train-files OUT_DIR/train.txt
+--valid-files OUT_DIR/valid.txt --test-files OUT_DIR/test.txt``; its sentences come from the bundled
+corpus, the same text, unless ``--root`` or ``--fetch`` asks for the Debian package itself.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import lzma
 import os
 import random
 import re
 import struct
 import subprocess
-import sys
 import tempfile
 import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `shared` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.errors import UserError, run_cli
 
 NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 DATA = Path("usr/lib/R/site-library/janeaustenr/data")
@@ -236,6 +237,22 @@ def load_sentences(root: str | Path | None = None) -> list[str]:
     return sentences
 
 
+def write_corpus(path: Path, sentences: list[str]) -> int:
+    """Every sentence, one per line, xz-compressed (deterministic: the same sentences give the same bytes)."""
+    data = "".join(s + "\n" for s in sentences).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                                   preset=9 | lzma.PRESET_EXTREME))
+    return path.stat().st_size
+
+
+def bundled_sentences() -> list[str]:
+    """The same sentences from the corpus shipped with the package (no Debian package needed)."""
+    from biva_text.sources import read_bundled
+
+    return list(read_bundled("austen"))
+
+
 def write_splits(out_dir: Path, sentences: list[str], valid_size: int, test_size: int, seed: int) -> dict[str, int]:
     order = list(range(len(sentences)))
     random.Random(seed).shuffle(order)
@@ -250,16 +267,27 @@ def write_splits(out_dir: Path, sentences: list[str], valid_size: int, test_size
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", type=Path, help="where train.txt, valid.txt and test.txt go")
+    parser.add_argument("out_dir", type=Path, nargs="?", help="where train.txt, valid.txt and test.txt go")
+    parser.add_argument("--write-corpus", type=Path, metavar="PATH",
+                        help="write every sentence, xz-compressed, to PATH (rebuilds biva_text/corpora/austen.txt.xz "
+                             "from the Debian package)")
     parser.add_argument("--root", type=Path, default=None, help="directory r-cran-janeaustenr was unpacked into")
     parser.add_argument("--fetch", action="store_true", help=f"apt-get download and unpack the package into {DEFAULT_ROOT}")
     parser.add_argument("--valid-size", type=int, default=1000, help="validation sentences (default 1000)")
     parser.add_argument("--test-size", type=int, default=1000, help="test sentences (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
     args = parser.parse_args()
+    if args.out_dir is None and args.write_corpus is None:
+        parser.error("give OUT_DIR (the splits) or --write-corpus PATH (the bundled corpus), or both")
     if args.fetch and args.root is None:
         fetch()
-    sentences = load_sentences(args.root)
+    from_package = args.write_corpus is not None or args.root is not None or args.fetch
+    sentences = load_sentences(args.root) if from_package else bundled_sentences()
+    if args.write_corpus is not None:
+        size = write_corpus(args.write_corpus, sentences)
+        print(f"{len(sentences)} sentences -> {args.write_corpus} ({size:,} bytes, xz)")
+    if args.out_dir is None:
+        return
     if args.valid_size + args.test_size >= len(sentences):
         raise UserError(f"only {len(sentences)} sentences; ask for fewer with --valid-size/--test-size")
     counts = write_splits(args.out_dir, sentences, args.valid_size, args.test_size, args.seed)

@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.text_throughput import Timer, peak_memory_mb, random_batch  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int
+from shared.errors import run_cli
+from text_throughput import Timer, peak_memory_mb, random_batch  # a sibling: run as a script, benchmarks/ is on sys.path
 
 
 def parse_args(argv=None):

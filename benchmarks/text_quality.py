@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Table 7 on real sentences, on a CPU: do BIVA's latents carry the sentence next to an LSTM decoder?
 
-    python benchmarks/text_quality.py --fetch                  # five models, the small preset, ~2-3 h on 2 CPUs
+    python benchmarks/text_quality.py                          # five models, the small preset, hours on 2 CPUs
     python benchmarks/text_quality.py --steps 300 --iw-samples 20 --out-dir /tmp/tq   # a quick look
     python benchmarks/text_quality.py --preset paper --models biva-lstm --minutes 7.5 --data data/austen \
         --iw-samples 100 --out-dir runs/gpu-tq --json $OUT/text_quality.json     # the GPU check: see below
 
-The text is Jane Austen's six novels (31,438 sentences; benchmarks/real_text.py unpacks them from
-Debian's r-cran-janeaustenr with --fetch), tokenised like BookCorpus and split 1000/1000 sentences for
-validation/test; the paper's filter (at most 40 pieces) and the word tokenizer (the default 20,000
+The text is Jane Austen's six novels (31,438 sentences, the corpus bundled with the package,
+biva_text/corpora/; --fetch or --root read Debian's r-cran-janeaustenr itself through
+benchmarks/real_text.py, the same sentences), tokenised like BookCorpus and split 1000/1000 (seed 0,
+benchmarks/real_text.py's split) for validation/test; the paper's filter (at most 40 pieces) and the word tokenizer (the default 20,000
 pieces asked; the corpus supports fewer) apply as in any run. Every model is trained with
 scripts/train_text.py --preset small (or the --preset given) and nothing else but the data and
 --max-steps: the preset's own schedule (free bits on plateau for BIVA, KL warm-up for the RNN-VAE and
@@ -17,7 +18,7 @@ all. Each is then reported with scripts/report_text.py on the test split.
 
 Printed: a Table-7-shaped table (parameters, -log p(x) from L_1 and L_K, KL, perplexity from L_1,
 active units, the reconstruction gain log p(x | z ~ q) - log p(x | z ~ p) and the unigram overlap of
-greedy reconstructions with their input against other test sentences), then the issue's checks of
+greedy reconstructions with their input against other test sentences), then the latent-use checks of
 biva-lstm: KL >= 5 nats, active units >= 10%, L_1 perplexity within 10% of lstm-lm's, KL above
 rnn-vae's and hybrid-vae's, reconstructions sharing >= 2x as many words with their input as with
 other sentences. Exit status 1 when a check fails. Runs, data, OUT_DIR/text_quality.json and a plot
@@ -27,11 +28,11 @@ go to --out-dir; a finished run (and its test report, when made at the same step
 
 --minutes M trains every model for M minutes of wall-clock time (train_text.py --max-minutes) instead
 of a number of steps (--steps, if given, still caps them); the models then get the same time, not the
-same steps, and the figures depend on the machine. --preset paper with --minutes is issue 8's GPU
+same steps, and the figures depend on the machine. --preset paper with --minutes is the prepared GPU
 check, the paper-sized biva-lstm on real sentences for a fixed time: --data points at the splits
 (train.txt, valid.txt, test.txt) this script wrote before (OUT_DIR/data), since a lent GPU machine
-reaches no package registry. On Jane Austen's 23,551 training sentences (46 batches of 512) the paper's
-model sees many epochs in minutes: expect it to overfit, and read its figures with that in mind.
+reaches no package registry. On Jane Austen's few training sentences the paper's model sees many epochs
+in minutes: expect it to overfit (figures: docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser, positive_float, positive_int
+from shared.errors import UserError, run_cli
 
 MODELS = ("lstm-lm", "rnn-vae", "hybrid-vae", "biva-lstm", "biva")
 UNBOUNDED_STEPS = 10**9  # with --minutes and no --steps: the time decides
@@ -54,7 +53,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("runs/text-quality"), help="runs, data and results (default runs/text-quality)")
-    p.add_argument("--preset", choices=("small", "paper", "tiny"), default="small",
+    p.add_argument("--preset", choices=("small", "paper", "quick", "tiny"), default="small",
                    help="the text preset every model is trained with (default small, the CPU benchmark)")
     p.add_argument("--steps", type=positive_int, help="optimiser steps of every model (default: the preset's max_steps)")
     p.add_argument("--minutes", type=positive_float,
@@ -66,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models (default all five)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--root", type=Path, help="directory r-cran-janeaustenr was unpacked into")
-    p.add_argument("--fetch", action="store_true", help="apt-get download and unpack r-cran-janeaustenr if missing")
+    p.add_argument("--fetch", action="store_true", help="read the novels from Debian's r-cran-janeaustenr (apt-get "
+                                                        "download and unpack it if missing) instead of the bundled "
+                                                        "corpus")
     p.add_argument("--json", type=Path, help="summary JSON (default OUT_DIR/text_quality.json)")
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--extra", action="append", default=[], metavar="NAME:MODEL:FLAGS",
@@ -86,8 +87,8 @@ def load_script(name: str):
 
 
 def prepare_data(args) -> Path:
-    import real_text
-
+    """The splits: --data, or Jane Austen's sentences split 1000/1000 (seed 0) into OUT_DIR/data, from the
+    corpus bundled with the package (the same sentences) unless --root/--fetch ask for the Debian package."""
     if args.data is not None:
         missing = [s for s in ("train", "valid", "test") if not (args.data / f"{s}.txt").is_file()]
         if missing:
@@ -96,14 +97,18 @@ def prepare_data(args) -> Path:
     data = args.out_dir / "data"
     if all((data / f"{s}.txt").is_file() for s in ("train", "valid", "test")):
         return data
-    try:
-        real_text.find_data(args.root)
-    except UserError:
-        if not args.fetch and args.root is None:
-            raise UserError(f"Jane Austen's novels were not found; pass --fetch to unpack r-cran-janeaustenr into "
-                            f"{real_text.DEFAULT_ROOT}, or --root") from None
-        real_text.fetch()
-    sentences = real_text.load_sentences(args.root)
+    import real_text  # a sibling: run as a script, benchmarks/ is on sys.path
+
+    if args.fetch or args.root is not None:
+        try:
+            real_text.find_data(args.root)
+        except UserError:
+            if not args.fetch:
+                raise
+            real_text.fetch()
+        sentences = real_text.load_sentences(args.root)
+    else:
+        sentences = real_text.bundled_sentences()
     counts = real_text.write_splits(data, sentences, 1000, 1000, 0)
     print(f"{len(sentences)} Jane Austen sentences -> {data}: {counts}", file=sys.stderr)
     return data
@@ -111,7 +116,7 @@ def prepare_data(args) -> Path:
 
 def finished(run: Path, steps: int | None, minutes: float | None) -> int | None:
     """The step a finished run ended at (its steps done, or its minutes used up), else None."""
-    from shared.run_dir import latest_checkpoint
+    from shared.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(run) if (run / "config.json").is_file() else None
     if latest is None:
@@ -136,7 +141,7 @@ def cached_report(run: Path, steps: int, iw_samples: int) -> dict | None:
 
 
 def checks(reports: dict) -> list[tuple[str, bool, str]]:
-    """The issue's must-show conditions on biva-lstm, as (what, passed, figures)."""
+    """The text table's checks on biva-lstm, as (what, passed, figures)."""
     b = reports.get("biva-lstm")
     if b is None:
         return []
@@ -213,11 +218,11 @@ def row(name: str, r: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
 
     from biva_text.presets import get_preset
-    from shared.run_dir import latest_checkpoint, read_metrics
+    from shared.checkpoints import latest_checkpoint
+    from shared.metrics_log import read_metrics
 
     torch.set_num_threads(args.threads)
     steps = args.steps or (None if args.minutes else get_preset(args.preset).train.max_steps)

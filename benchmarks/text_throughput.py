@@ -7,7 +7,7 @@
 
 Training: the preset's model (default: the paper-sized biva-lstm, 20,000 pieces, T = 48) on random
 token ids with random lengths (4 to max_tokens + 1 predicted tokens, EOS included), the engine's step:
-its loss (shared.engine.training_loss, free-bits KL), gradient norm, Adamax, EMA update; one
+its loss (shared.objective.training_loss, free-bits KL), gradient norm, Adamax, EMA update; one
 optimiser step per batch; --warmup steps are run first and not timed. The LSTM runs to each batch's
 longest sentence: random batches (the default) are the slow case; --length-buckets draws one random
 length per batch instead, what the engine's length-bucketed training batches look like (same mean
@@ -30,11 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.names import TEXT_MODELS, TEXT_PRESETS  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from biva_text.names import TEXT_MODELS, TEXT_PRESETS
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -111,7 +109,9 @@ def bench_training(args, model, train_cfg, device, autocast) -> dict:
     import torch
 
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, grad_norm, training_loss
+    from shared.ema import EMA
+    from shared.objective import training_loss
+    from shared.optim import grad_norm
 
     g = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adamax(model.parameters(), lr=train_cfg.lr)
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     from biva_text.model import build_text_model, num_params
     from biva_text.presets import get_preset
 
-    from shared.engine import keep_freed_cpu_memory
+    from shared.launch import keep_freed_cpu_memory
 
     device = torch.device(pick_device(args.device))
     heap_kept = device.type == "cpu" and keep_freed_cpu_memory()  # as the engine's Trainer does on a CPU

@@ -1,5 +1,5 @@
 """Flags shared by the text scripts: the data flags (train_text.py, prepare_text.py) and the decoding
-flags of the samplers (CONTRACTS.md, Sampling flags). Torch-free."""
+flags of the samplers (docs/reference.md, Sampling flags). Torch-free."""
 from __future__ import annotations
 
 import argparse
@@ -8,20 +8,25 @@ from pathlib import Path
 
 from shared.cli import nonneg_float, nonneg_int, open_fraction, pick_device, positive_float, positive_int
 
-from .names import TOKENIZERS
+from .names import BUNDLED_DATASETS, DATASET_HELDOUT_SIZE, TOKENIZERS
 
 
 def add_text_data_flags(p: argparse.ArgumentParser) -> None:
     """What text to read and how to tokenise it; the same flags wherever the data is prepared."""
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", help="hub dataset read as plain text, one sentence per row (default bookcorpus "
-                                     "= rojagtap/bookcorpus); ignored with --train-files")
+    d.add_argument("--dataset", help="austen: Jane Austen's six novels, 31,438 sentences shipped with the package "
+                                     "(offline; picks the quick preset and 1000 held-out sentences per split unless "
+                                     "--preset, --valid-size or --test-size say otherwise); or a hub dataset read as "
+                                     "plain text, one sentence per row (default bookcorpus = rojagtap/bookcorpus, the "
+                                     "paper's corpus)")
     d.add_argument("--train-files", nargs="+", type=Path, metavar="FILE",
                    help="local UTF-8 text files, one sentence per line (instead of the hub dataset)")
     d.add_argument("--valid-files", nargs="+", type=Path, metavar="FILE", help="validation sentences (default: carved from the training text)")
     d.add_argument("--test-files", nargs="+", type=Path, metavar="FILE", help="test sentences (default: carved from the training text)")
-    d.add_argument("--valid-size", type=positive_int, help="validation sentences to carve (default 10000, at most a tenth)")
-    d.add_argument("--test-size", type=positive_int, help="test sentences to carve (default 10000, at most a tenth)")
+    d.add_argument("--valid-size", type=positive_int, help="validation sentences to carve (default 10000, at most a "
+                                                           "tenth; 1000 for --dataset austen)")
+    d.add_argument("--test-size", type=positive_int, help="test sentences to carve (default 10000, at most a tenth; "
+                                                          "1000 for --dataset austen)")
     d.add_argument("--max-sentences", type=positive_int, help="read at most this many training sentences (quick runs; default: all)")
     d.add_argument("--tokenizer", choices=TOKENIZERS, help="SentencePiece model: word (the paper's, sentences with "
                                                            "out-of-vocabulary words are dropped) or unigram (default word)")
@@ -42,6 +47,11 @@ def check_text_data_flags(p: argparse.ArgumentParser, args: argparse.Namespace) 
         p.error(f"--vocab-size must be between 5 and 65536, got {args.vocab_size}")
 
 
+def is_hub_dataset(args: argparse.Namespace) -> bool:
+    """Whether the flags name hub text (BookCorpus by default), which a new run must reach first."""
+    return not args.train_files and args.dataset not in ("files", *BUNDLED_DATASETS)
+
+
 def data_config(args):
     from biva_text.data import TextDataConfig
 
@@ -53,6 +63,8 @@ def data_config(args):
         cfg.dataset = args.dataset
     cfg.valid_files = [str(p) for p in args.valid_files or []]
     cfg.test_files = [str(p) for p in args.test_files or []]
+    if cfg.dataset in DATASET_HELDOUT_SIZE:  # a small bundled corpus: its own held-out sizes
+        cfg.valid_size = cfg.test_size = DATASET_HELDOUT_SIZE[cfg.dataset]
     for name in ("valid_size", "test_size", "max_sentences", "tokenizer", "vocab_size", "max_tokens", "tokenizer_sample"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

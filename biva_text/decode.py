@@ -1,4 +1,4 @@
-"""Decoding sentences from the text models (DESIGN.md §7): prior samples, reconstructions, interpolations.
+"""Decoding sentences from the text models (docs/design.md §7): prior samples, reconstructions, interpolations.
 
 Every model offers the decoder a conditioning sequence (B, T, C): BIVA's d_0 from the top-down path,
 the RNN-VAE's z repeated over time, nothing for the LSTM LM. The LSTM then decodes token by token:
@@ -31,8 +31,8 @@ the groups of the chosen ``levels`` (default all) linearly, keeps the others at 
 sentence's means, and decodes them through the top-down path; for the RNN-VAE that is its one
 latent. Decoding after interpolation is greedy unless asked otherwise.
 
-Sentences from users are encoded with the run's tokenizer; a word outside a word tokenizer's
-vocabulary becomes the unknown piece (the scripts name such words in one warning line).
+Sentences from users are encoded with the run's tokenizer; each word outside a word tokenizer's
+vocabulary becomes its own unknown piece (the scripts name such words in one warning line).
 """
 from __future__ import annotations
 
@@ -329,10 +329,12 @@ class EncodedSentences:
 
 
 def encode_sentences(tokenizer: Tokenizer, sentences: list[str], max_tokens: int) -> EncodedSentences:
-    """Sentences as a model batch. Words outside a word tokenizer's vocabulary become UNK (listed in
-    ``unknown``); sentences with no words or more than ``max_tokens`` pieces are skipped with the reason."""
+    """Sentences as a model batch. Each word outside a word tokenizer's vocabulary becomes its own UNK
+    (``Tokenizer.encode_words``: one id per word, as the word model reads every sentence it trains on) and
+    is listed in ``unknown``; sentences with no words or more than ``max_tokens`` pieces are skipped with
+    the reason."""
     sentences = [s.strip() for s in sentences]
-    ids = tokenizer.encode(sentences) if sentences else []
+    ids = tokenizer.encode_words(sentences) if sentences else []
     rows, kept, skipped, unknown = [], [], [], set()
     for sentence, pieces in zip(sentences, ids):
         if not pieces:
@@ -340,9 +342,8 @@ def encode_sentences(tokenizer: Tokenizer, sentences: list[str], max_tokens: int
         elif len(pieces) > max_tokens:
             skipped.append((sentence, f"{len(pieces)} pieces, more than the model's {max_tokens}"))
         else:
-            if UNK_ID in pieces:  # the word model: one piece per word
-                words = sentence.split()
-                unknown |= {words[i] for i, p in enumerate(pieces) if p == UNK_ID and i < len(words)}
+            if UNK_ID in pieces and tokenizer.model_type == "word":  # id i is word i
+                unknown |= {word for word, p in zip(sentence.split(), pieces) if p == UNK_ID}
             rows.append(pieces + [EOS_ID])
             kept.append(sentence)
     tokens = torch.full((len(rows), max_tokens + 1), PAD_ID, dtype=torch.long)

@@ -20,11 +20,10 @@ the bounds of report_text.py) is the plain bound. alpha = 0.2 is the value of th
 example (github.com/ssemeniuta/textvae); we could not check it against the paper's text.
 
 Differences from the authors' code, and why: a layer norm over channels in place of batch norm
-(a sentence's bound must not depend on what it is batched with, DESIGN.md §3); the input is the
+(a sentence's bound must not depend on what it is batched with, docs/design.md §3); the input is the
 embedding (as for the other models) rather than one-hot tokens; the auxiliary classifier is a plain
 linear map from the C = 200 feature channels to the vocabulary, as in their code, so it is not tied
-to the embedding (with it the paper preset has 23.5M / 15.8M parameters, against the paper's 23.7M
-and 15.0M).
+to the embedding (the parameter counts this gives, against the paper's: docs/text.md).
 """
 from __future__ import annotations
 
@@ -35,7 +34,8 @@ from shared.distributions import Gaussian
 from shared.errors import UserError
 from shared.model import LatentVariableModel, ModelOutput
 
-from .model import TextModelConfig, TextModelMixin, TokenIO, token_log_prob
+from .model_config import TextModelConfig
+from .parts import TextModelMixin, TokenIO, token_log_prob
 
 LATENT_KEY = 0  # noise key of the single latent group
 

@@ -16,10 +16,17 @@ DEFAULT_KL_SCHEDULE = {"biva-lstm": "free-bits", "biva": "free-bits", "rnn-vae":
 # its state starts; the first of each is the original behaviour.
 DECODER_INPUTS = ("concat", "scaled", "normalised", "none")
 DECODER_INITS = ("zeros", "latents")
-TEXT_PRESETS = ("paper", "small", "tiny")
+TEXT_PRESETS = ("paper", "small", "quick", "tiny")
 TOKENIZERS = ("word", "unigram")
 # The hub text read when no --train-files are given. The old script dataset `bookcorpus/bookcorpus`
 # no longer loads: same text, plain files.
 DEFAULT_DATASET = "bookcorpus"
 HUB_ALIASES = {"bookcorpus": "rojagtap/bookcorpus", "bookcorpus/bookcorpus": "rojagtap/bookcorpus"}
 HUB_FIX = "download the text files and pass --train-files"  # ends every "could not fetch" error
+# Corpora shipped with the package (biva_text/corpora/), read offline: --dataset NAME.
+BUNDLED_DATASETS = ("austen",)
+# What a bundled corpus changes when its flags are not given: the preset (a CPU-sized one, as image
+# size picks an image preset) and the carved held-out splits (1000 sentences each, as
+# benchmarks/real_text.py carves them, instead of a tenth of the corpus).
+DATASET_PRESET = {"austen": "quick"}
+DATASET_HELDOUT_SIZE = {"austen": 1000}

@@ -1,9 +1,10 @@
-"""Text presets (DESIGN.md §7): the paper's BookCorpus sizes, a small CPU benchmark size, a tiny test size.
+"""Text presets (docs/design.md §7): the paper's BookCorpus sizes, a small CPU benchmark size, a quick-start
+size for a few minutes on a CPU, a tiny test size.
 
 A preset fixes the widths of all four models and the training defaults that go with them; the
 vocabulary size comes from the trained tokenizer and the padded length T from ``max_tokens``.
 
-paper   The paper's (BIVA's text appendix, DESIGN.md §7): L = 7 levels of 128 kernels, embeddings 512,
+paper   The paper's (BIVA's text appendix, docs/design.md §7): L = 7 levels of 128 kernels, embeddings 512,
         an LSTM of 1024 units, 20,000 pieces and sentences of at most 40, Adamax 2e-3, batch 512,
         5 epochs, one sample, free bits starting at a 30-nat budget and lowered on plateaus.
         Ours, where the paper gives no value: M = 3 gated layers per block, kernel 5 at the bottom and
@@ -12,16 +13,17 @@ paper   The paper's (BIVA's text appendix, DESIGN.md §7): L = 7 levels of 128 k
         32-dimensional latent, the plateau rule (halve B after 4 evaluations without a gain of 0.05
         nats over the best, floor 1 nat in all: the paper says only "incrementally decrease on
         plateau"), validation every 2000 steps on 10,000 sentences, EMA 0.999, KL warm-up over 20k
-        steps, biva-lstm reading d_0 through a learned gain (README, "The decoder's view of z").
+        steps, biva-lstm reading d_0 through a learned gain (docs/text.md, "The decoder's view of z").
         The Hybrid VAE: convolutions of 128, 256, 512 channels (kernel 3, stride 2), 200 feature
         channels, alpha = 0.2 (the authors' released code; BIVA's paper gives no widths), the same
         embeddings, LSTM and latent size as the RNN-VAE; KL warm-up over 20k steps.
 small   ours: the same shapes, narrow (32 kernels, L = 4, LSTM 128, embeddings 64), for CPU runs of
         about 20 minutes (6,000 steps of 64); a budget of 8 nats halved after 2 evaluations without a
-        0.1-nat gain, floor 1. 6,000 steps, measured on Jane Austen (benchmarks/text_quality.py): at
-        2,000 both biva-lstm and the LM still gained ~0.45 nats of validation ELBO per 100 steps and
-        biva-lstm's L_1 perplexity was 17% above the LM's; by 6,000 the gap had closed to 9.8% (KL
-        9.7 nats) and the LM gained < 0.1 nats per 100 steps.
+        0.1-nat gain, floor 1. 6,000 steps because at 2,000 biva-lstm's perplexity was still far from
+        the LM's (measured on Jane Austen: docs/benchmarks.md, "Text quality on Jane Austen").
+quick   ours: the small preset's model with a schedule that ends in about 8 minutes on 2 CPU cores,
+        the preset of ``--dataset austen`` (the README's quick start): QUICK_STEPS steps of 64, the same
+        free-bits budget (8 nats, halved on plateaus), validation every 250 steps (docs/text.md).
 tiny    ours: a seconds-long model for tests.
 
 Every preset trains on length-bucketed batches (``length_buckets``; shared/engine.py BatchPlan).
@@ -30,11 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.config import TrainConfig
+from shared.config import TrainConfig, replace
 from shared.errors import UserError
 from shared.ladder import LadderConfig
 
-from .model import HybridConfig, TextModelConfig, padded_length
+from .model_config import HybridConfig, TextModelConfig, padded_length
 from .names import DEFAULT_KL_SCHEDULE, HYBRID_MODELS, TEXT_MODELS, TEXT_PRESETS
 
 
@@ -76,6 +78,15 @@ def small(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     return sizes, train, "a narrow BIVA (L=4, 32 kernels, LSTM 128) for CPU runs of about 20 minutes"
 
 
+QUICK_STEPS = 3500  # about 7.5 minutes at ~8 steps/s, evaluations included (2-core EPYC, quiet)
+
+
+def quick(max_tokens: int) -> tuple[dict, TrainConfig, str]:
+    sizes, train, _ = small(max_tokens)
+    train = replace(train, "the quick preset", max_steps=QUICK_STEPS, eval_every=250, save_every=500, log_every=50)
+    return sizes, train, f"the small preset's model for {QUICK_STEPS} steps, about 8 minutes on 2 CPU cores"
+
+
 def tiny(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     sizes = dict(embedding_dim=16, hidden_size=32, latent_dim=4,
                  ladder=_ladder(max_tokens, 16, 3, 16, [4, 4, 4], [2, 1, 2], 1, first_kernel=3),
@@ -86,8 +97,8 @@ def tiny(max_tokens: int) -> tuple[dict, TrainConfig, str]:
     return sizes, train, "a seconds-long CPU model for tests and smoke runs"
 
 
-PRESETS = {"paper": paper, "small": small, "tiny": tiny}
-WARMUP_STEPS = {"paper": 20000, "small": 500, "tiny": 20}
+PRESETS = {"paper": paper, "small": small, "quick": quick, "tiny": tiny}
+WARMUP_STEPS = {"paper": 20000, "small": 500, "quick": 500, "tiny": 20}
 assert set(PRESETS) == set(TEXT_PRESETS)
 
 
@@ -114,10 +125,8 @@ def get_preset(name: str, model: str = "biva-lstm", *, vocab_size: int = 20000, 
     cfg = TextModelConfig(model=model, vocab_size=vocab_size, max_tokens=max_tokens, kl_schedule=schedule,
                           kl_warmup_steps=warmup, **sizes)
     if model == "biva-lstm":
-        # Ours, measured (README, "The decoder's view of z"): d_0 times a learned gain (initially 4) at the
-        # LSTM's input. On Jane Austen (small preset, 2000 steps) the decoder read the latents far earlier
-        # than with plain concatenation (validation KL 5.6 vs 3.2 nats at step 700, 6.6 vs 4.5 at 1100)
-        # at the same ELBO within 0.7 nats, closing; initialising the LSTM state from the latents kept
-        # them least (2.7 nats at 700). The baselines keep their papers' plain concatenation.
+        # Ours: d_0 times a learned gain (initially 4) at the LSTM's input, because the decoder then reads
+        # the latents far earlier than with plain concatenation at the same ELBO (measured on Jane Austen:
+        # docs/text.md, "The decoder's view of z"). The baselines keep their papers' plain concatenation.
         cfg.decoder_input = "scaled"
     return TextPreset(cfg.validate(), train, description)

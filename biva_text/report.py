@@ -1,4 +1,4 @@
-"""Evaluating a text run: the paper's Table 7 figures and latent usage (DESIGN.md §3, CONTRACTS.md).
+"""Evaluating a text run: the paper's Table 7 figures and latent usage (docs/design.md §3, docs/reference.md).
 
 ``text_report`` gives, per sentence and in nats: -L_1 (``nll_elbo``), -L_K (``nll_iw``), the KL
 (total and per group), perplexities exp(sum NLL / sum tokens) with tokens counting EOS, active units
@@ -79,6 +79,18 @@ def load_text_split(run, run_dir: str | Path, split: str, cache_dir: str | Path 
                                 f"{counts.get('kept')} sentences of {counts.get('tokens')} tokens, these give "
                                 f"{now.get('kept')} of {now.get('tokens')}")
     return splits.split(split)
+
+
+def split_sentences(run_dir: str | Path, split: str, num: int, seed: int = 0) -> list[str]:
+    """``num`` sentences of the run's own ``split`` as text (tokenised like the training text), a random
+    draw seeded by ``seed`` (report_text.py's --max-sentences draw), in the split's order; all of them
+    when the split has fewer."""
+    run = read_run_config(run_dir, "text")
+    data = load_text_split(run, run_dir, split)
+    if len(data) == 0:
+        raise UserError(f"the {split} split of {run_dir} is empty; choose another --split")
+    chosen = subset_indices(len(data), num, seed)
+    return Tokenizer.load(Path(run_dir) / "tokenizer.model").decode(data.tokens[chosen].tolist())
 
 
 def _to(batch: dict, device) -> dict:
@@ -237,7 +249,7 @@ def teacher_forced_accuracy(model, dataset, *, seed: int = 0, batch_size: int = 
 def text_report(model, dataset, *, iw_samples: int = 1000, batch_size: int = 64, seed: int = 0,
                 max_examples: int | None = None, mi_batches: int | None = None, iw_chunk: int | None = None,
                 device=None) -> dict:
-    """The report JSON of CONTRACTS.md (without the run's identity fields)."""
+    """The report JSON of docs/reference.md (without the run's identity fields)."""
     has_latents = model.num_groups > 0
     # The LSTM LM's likelihood is exact: no importance samples to draw.
     res = evaluate(model, dataset, batch_size=batch_size, seed=seed, iw_samples=iw_samples if has_latents else 0,

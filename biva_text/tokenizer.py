@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer for sentences (DESIGN.md §7).
+"""SentencePiece tokenizer for sentences (docs/design.md §7).
 
 Two models:
 
@@ -27,6 +27,7 @@ from shared.errors import UserError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("word", "unigram")
 UNK_TEXT = "<unk>"  # what decode writes for an out-of-vocabulary word
+WORD_START = "\u2581"  # SentencePiece's mark of a word's start: the word model's piece of "cat" is "▁cat"
 
 # TrainerSpec.model_type enum in sentencepiece_model.proto
 _PROTO_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
@@ -153,6 +154,19 @@ class Tokenizer:
         if isinstance(sentences, str):
             raise TypeError("Tokenizer.encode takes a list of sentences, not one string")
         return self.processor.encode([_words(s) for s in sentences], out_type=int, num_threads=num_threads or -1)
+
+    def encode_words(self, sentences: Sequence[str]) -> list[list[int]]:
+        """``encode``, except that with the word model each whitespace-separated word is one id, looked up
+        in the vocabulary, and each word outside it is its own ``UNK``: SentencePiece's encode merges a run
+        of unknown words into one ``UNK`` piece, so that piece i would no longer be word i. For sentences
+        from users (reconstruction, prompts); the token store keeps ``encode``, whose sentences with an
+        unknown word are dropped anyway (the paper's filter)."""
+        if isinstance(sentences, str):
+            raise TypeError("Tokenizer.encode_words takes a list of sentences, not one string")
+        if self.model_type != "word":
+            return self.encode(sentences)
+        lookup = self.processor.piece_to_id
+        return [[lookup(WORD_START + word) for word in sentence.split()] for sentence in sentences]
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return [self._decode_one(list(map(int, row))) for row in ids]

@@ -10,13 +10,10 @@ Table 7 (params, -log p(x) <= -L_1, KL, perplexity from L_1) and the importance-
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
+from shared.cli import ArgumentParser
+from shared.errors import UserError, run_cli
 
 COLUMNS = ("run", "model", "params", "-log p(x) ≤ (L_1)", "KL", "PPL (L_1)", "-log p(x) ≤ (L_K)", "K",
            "PPL (L_K)", "active units", "MI")

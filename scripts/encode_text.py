@@ -19,12 +19,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.cli import read_input  # noqa: E402
-from shared.cli import ArgumentParser, pick_device, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
-from shared.run_dir import resolve_run  # noqa: E402
+from biva_text.cli import read_input
+from shared.cli import ArgumentParser, pick_device, positive_int
+from shared.errors import UserError, run_cli
+from shared.run_dir import resolve_run
 
 
 def parse_args(argv=None):

@@ -17,16 +17,12 @@ ranges separated by commas, open at either end: 7, 3,4, 5..7, 5.. (5 to the top)
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.cli import (add_decoding_flags, check_n_best, levels_arg, n_best_lines,  # noqa: E402
+from biva_text.cli import (add_decoding_flags, check_n_best, levels_arg, n_best_lines,
                            open_for_decoding, resolve_levels)
-from shared.cli import ArgumentParser, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
-from shared.run_dir import resolve_run  # noqa: E402
+from shared.cli import ArgumentParser, positive_int
+from shared.errors import UserError, run_cli
+from shared.run_dir import resolve_run
 
 
 def parse_args(argv=None):

@@ -2,6 +2,7 @@
 """Prepare a text corpus once, before training: train the tokenizer and encode the token store.
 
     python scripts/prepare_text.py                                   # BookCorpus, the paper's settings
+    python scripts/prepare_text.py --dataset austen                  # Jane Austen's novels, bundled (offline)
     python scripts/prepare_text.py --train-files train.txt --valid-files valid.txt --test-files test.txt
     accelerate launch scripts/train_text.py                          # then reads what was prepared
 
@@ -22,13 +23,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.cli import add_text_data_flags, check_text_data_flags, data_config, print_data_stats  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from biva_text.cli import add_text_data_flags, check_text_data_flags, data_config, is_hub_dataset, print_data_stats
+from shared.cli import ArgumentParser, nonneg_int, positive_int
+from shared.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -47,7 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.train_files and args.dataset != "files":
+    if is_hub_dataset(args):
         from biva_text.names import DEFAULT_DATASET, HUB_ALIASES, HUB_FIX
         from shared.hub import require_hub_dataset
 

@@ -4,9 +4,11 @@
     python scripts/reconstruct_text.py --run RUN --input sentences.txt
     echo "the cat sat on the mat ." | python scripts/reconstruct_text.py --run RUN
     python scripts/reconstruct_text.py --run RUN --input s.txt --from-level 3 --beam 5
+    python scripts/reconstruct_text.py --run RUN --split test --num 5    # sentences the run never trained on
 
 One sentence per line, tokenised like the training text (BookCorpus: lower-cased, spaces around
-punctuation). Prints each input ("> ") beside its reconstruction ("< "). Decoding is greedy unless
+punctuation); or, with --split, --num sentences of the run's own split (its held-out valid or test
+sentences, or train), a random draw seeded by --seed (report_text.py's --max-sentences draw). Prints each input ("> ") beside its reconstruction ("< "). Decoding is greedy unless
 --sample or --beam is given. --from-level k keeps the posterior of levels above k and draws levels
 <= k from the conditional prior (as for images; 0 = the full posterior). --posterior-mean decodes
 every latent at its posterior mean instead of a draw from the posterior: with greedy or beam decoding
@@ -20,12 +22,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.cli import add_decoding_flags, check_n_best, n_best_lines, open_for_decoding, read_input  # noqa: E402
-from shared.cli import ArgumentParser, nonneg_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
-from shared.run_dir import resolve_run  # noqa: E402
+from biva_text.cli import add_decoding_flags, check_n_best, n_best_lines, open_for_decoding, read_input
+from shared.cli import ArgumentParser, nonneg_int, positive_int
+from shared.errors import UserError, run_cli
+from shared.run_dir import resolve_run
 
 BATCH = 256
 
@@ -36,7 +36,13 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the run directory (--output-dir of train_text.py), a folder of scripts/export.py, or a hub id owner/name")
-    p.add_argument("--input", type=Path, help="text file, one sentence per line (default: standard input)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", type=Path, help="text file, one sentence per line (default: standard input)")
+    source.add_argument("--split", choices=["test", "valid", "train"],
+                        help="reconstruct sentences of the run's own split instead (the run's data, read again "
+                             "through its token cache; see --num)")
+    p.add_argument("--num", type=positive_int,
+                   help="with --split: how many sentences, drawn at random by --seed (default 10)")
     p.add_argument("--from-level", type=nonneg_int, default=0,
                    help="draw latent levels <= k from the prior, keep the posterior above (default 0)")
     p.add_argument("--posterior-mean", action="store_true",
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     add_decoding_flags(p, "greedy")
     args = p.parse_args(argv)
     check_n_best(p, args)
+    if args.num is not None and args.split is None:
+        p.error("--num counts sentences of --split; pass --split test (or valid, train), or give --input")
     args.run = resolve_run(args.run)
     if args.input is not None and not args.input.is_file():
         p.error(f"--input {args.input} is not a file")
@@ -52,8 +60,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[tuple[str, str]]:
     args = parse_args(argv)
-    sentences = read_input(args.input)
-    source = args.input or "standard input"
+    if args.split is not None:
+        from biva_text.report import split_sentences
+
+        sentences = split_sentences(args.run, args.split, args.num or 10, args.seed)
+        source = f"the {args.split} split of {args.run}"
+    else:
+        sentences = read_input(args.input)
+        source = args.input or "standard input"
     if not sentences:
         raise UserError(f"{source} has no sentence; give one sentence per line")
 

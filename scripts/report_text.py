@@ -18,14 +18,11 @@ The data are the run's own (saved data config and tokenizer; the token cache mak
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
-from shared.run_dir import output_dir, resolve_run  # noqa: E402
+from shared.cli import ArgumentParser, nonneg_int, pick_device, positive_int
+from shared.errors import UserError, run_cli
+from shared.run_dir import output_dir, resolve_run
 
 
 def parse_args(argv=None):
@@ -67,7 +64,7 @@ def main(argv=None) -> dict:
     from biva_text.report import MI_BATCH, load_text_run, load_text_split, plot_kl_per_group, table_row, text_report
     from biva_text.data import TextDataset
     from shared.config import write_json_atomic
-    from shared.run_dir import run_step
+    from shared.checkpoints import run_step
 
     device = pick_device(args.device)
     run, model, _ = load_text_run(args.run, device)

@@ -20,15 +20,12 @@ the K best per sentence with that score (nats, continuation only), best first.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from biva_text.cli import add_decoding_flags, check_n_best, n_best_lines, open_for_decoding  # noqa: E402
-from shared.cli import ArgumentParser, positive_int  # noqa: E402
-from shared.errors import UserError, run_cli  # noqa: E402
-from shared.run_dir import resolve_run  # noqa: E402
+from biva_text.cli import add_decoding_flags, check_n_best, n_best_lines, open_for_decoding
+from shared.cli import ArgumentParser, positive_int
+from shared.errors import UserError, run_cli
+from shared.run_dir import resolve_run
 
 
 def parse_args(argv=None):

@@ -7,9 +7,11 @@ import pytest
 from script_utils import ROOT, TORCHRUN, metrics, run_main, run_script, script_env, text_files, text_flags, torchrun_command
 
 import biva_text.data as text_data
+import biva_text.sources as text_sources
 from biva_text.tokenizer import Tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")
 def test_two_processes_outlive_a_preparation_longer_than_the_collective_timeout(tmp_path):
     files = text_files(tmp_path / "text")
@@ -38,7 +40,7 @@ def test_prepare_then_train_reuses_tokenizer_and_store(tmp_path, capsys, monkeyp
     assert "tokenizer trained now" in err and "token store encoded now" in err
     monkeypatch.setattr(Tokenizer, "encode", refuse)
     monkeypatch.setattr(text_data, "train_tokenizer", refuse)
-    monkeypatch.setattr(text_data, "read_sentences", refuse)
+    monkeypatch.setattr(text_sources, "read_sentences", refuse)
     out = tmp_path / "run"
     code, _, err = run_main("train_text", [*text_flags(files, tmp_path / "cache"), "--output-dir", out,
                                            "--max-steps", 2, "--batch-size", 8, "--eval-every", 2], capsys)

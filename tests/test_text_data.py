@@ -1,4 +1,4 @@
-"""Text data: tokenizer, reading and filters, seeded splits, the cached token store (DESIGN.md §7).
+"""Text data: tokenizer, reading and filters, seeded splits, the cached token store (docs/design.md §7).
 
 All text is synthetic, written into tmp_path from a small word list with a seeded RNG.
 """
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from biva_text import data as text_data
+from biva_text import sources as text_sources
 from biva_text.data import (TextDataConfig, TextDataset, prepare_text_data, read_sentences,
                             split_hash)
 from biva_text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
@@ -220,7 +221,7 @@ def test_token_store_is_reused_without_retokenising(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Tokenizer, "encode", refuse)
     monkeypatch.setattr(text_data, "train_tokenizer", refuse)
-    monkeypatch.setattr(text_data, "read_sentences", refuse)
+    monkeypatch.setattr(text_sources, "read_sentences", refuse)
     second = quiet_prepare(cfg, tmp_path / "run", tmp_path / "cache")
     assert second.stats["cache_hit"] is True and second.stats["tokenizer"]["trained_now"] is False
     assert isinstance(second.train.tokens, np.memmap)

@@ -1,4 +1,4 @@
-"""Text models (DESIGN.md §7): forward passes, masking of padding, decoder consistency, KL warm-up.
+"""Text models (docs/design.md §7): forward passes, masking of padding, decoder consistency, KL warm-up.
 
 Tokens are random ids over a tiny vocabulary; every model is the ``tiny`` preset (seconds on a CPU).
 """

@@ -190,6 +190,32 @@ def test_reconstruct_skips_and_counts_sentences_too_long(biva_run, tmp_path, cap
     assert code == 2 and "takes no --from-level" in err
 
 
+def test_reconstruct_takes_num_sentences_of_the_runs_own_split(biva_run, corpus, tmp_path, capsys):
+    def inputs(out):
+        return [line[2:] for line in out.splitlines() if line.startswith("> ")]
+
+    argv = ["--run", str(biva_run), "--split", "test", "--num", "3", "--device", "cpu"]
+    code, out, err = run_script("reconstruct_text", argv, capsys)
+    assert code == 0, err
+    test = corpus.test.read_text().splitlines()
+    chosen = inputs(out)
+    assert len(chosen) == 3 and all(s in test for s in chosen) and out.count("< ") == 3
+    assert run_script("reconstruct_text", argv, capsys)[1] == out  # seeded: the same sentences, the same output
+    code, other, _ = run_script("reconstruct_text", argv + ["--seed", "1"], capsys)
+    assert code == 0 and inputs(other) != chosen
+    path = tmp_path / "chosen.txt"  # the same as giving those sentences with --input
+    path.write_text("\n".join(chosen) + "\n")
+    assert run_script("reconstruct_text", ["--run", str(biva_run), "--input", str(path), "--device", "cpu"],
+                      capsys)[1] == out
+    code, out, err = run_script("reconstruct_text", ["--run", str(biva_run), "--split", "valid", "--num", "1000",
+                                                     "--device", "cpu"], capsys)
+    assert code == 0 and sorted(inputs(out)) == sorted(corpus.valid.read_text().splitlines())  # all 48
+    for bad, message in ((["--num", "3"], "--num counts sentences of --split"),
+                         (["--split", "test", "--input", str(path)], "not allowed with")):
+        code, _, err = run_script("reconstruct_text", ["--run", str(biva_run), *bad], capsys)
+        assert code == 2 and message in err, err
+
+
 @pytest.mark.parametrize("content, message", [(" ".join(["the cat"] * 7) + "\n", "no usable sentence"),
                                               ("\n  \n", "has no sentence")])
 def test_reconstruct_with_no_usable_sentence_is_one_clear_error(biva_run, tmp_path, capsys, content, message):
@@ -263,7 +289,7 @@ def test_kl_warmup_hook_follows_the_optimiser_steps():
     from biva_text.model import build_text_model
     from biva_text.presets import get_preset
 
-    attach = script("train_text").attach_kl_warmup
+    from biva_text.train import attach_kl_warmup as attach
     model = build_text_model(get_preset("tiny", "rnn-vae", vocab_size=20, kl_warmup_steps=4).model)
     optimizer = torch.optim.Adamax(model.parameters())
     trainer = SimpleNamespace(raw_model=model, optimizer=optimizer, state=SimpleNamespace(step=0))
@@ -358,8 +384,9 @@ def test_the_free_bits_schedule_runs_only_for_models_with_latents(corpus, model,
     assert any(r.get("event") == "free_bits" for r in records) == events
 
 
+@pytest.mark.slow
 def test_text_quality_benchmark_trains_each_model_for_minutes_on_given_splits(corpus, tmp_path, capsys):
-    """Issue 8's prepared GPU check (benchmarks/text_quality.py --minutes M --data DIR), on the CPU at the
+    """The prepared GPU text-quality check (benchmarks/text_quality.py --minutes M --data DIR), on the CPU at the
     tiny preset: the run ends on time, not on its (unbounded) steps, is reported on the test split,
     and a second call reuses the finished run and its report."""
     import importlib.util

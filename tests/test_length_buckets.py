@@ -1,4 +1,4 @@
-"""Text without padding waste (issue 9): length-bucketed batches, and a sentence's bound that does not
+"""Length buckets, text without padding waste: length-bucketed batches, and a sentence's bound that does not
 depend on the batch it is in while the LSTM and the softmax run only where a batch has tokens."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import biva_text.model as text_model
+import biva_text.parts as text_parts  # LOGIT_ROWS: the chunked softmax's rows
 from biva_text.data import TextDataset, TokenArray
 from biva_text.model import build_text_model
 from biva_text.presets import get_preset
@@ -14,7 +14,8 @@ from biva_text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from shared.bounds import elbo, iw_bound
 from shared.config import RunConfig, replace, to_dict
 from shared.distributions import HashedNoise
-from shared.engine import BatchPlan, Trainer
+from shared.batching import BatchPlan
+from shared.engine import Trainer
 
 V, MAX_TOKENS = 30, 12
 
@@ -154,9 +155,9 @@ def reference_log_likelihood(decoder, io, tokens, lengths, cond):
 
 
 @pytest.mark.parametrize("name", ["biva-lstm", "rnn-vae", "lstm-lm"])
-@pytest.mark.parametrize("logit_rows", [text_model.LOGIT_ROWS, 5])
+@pytest.mark.parametrize("logit_rows", [text_parts.LOGIT_ROWS, 5])
 def test_truncated_gathered_likelihood_equals_the_full_padded_one(name, logit_rows, monkeypatch):
-    monkeypatch.setattr(text_model, "LOGIT_ROWS", logit_rows)  # 5: the chunked softmax (without autograd)
+    monkeypatch.setattr(text_parts, "LOGIT_ROWS", logit_rows)  # 5: the chunked softmax (without autograd)
     model = make_model(name, seed=3).train()
     T = model.cfg.seq_len
     lengths = torch.tensor([4, 9, 2, 6])  # the longest (9) well below T: the LSTM stops there
@@ -177,9 +178,9 @@ def test_truncated_gathered_likelihood_equals_the_full_padded_one(name, logit_ro
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("logit_rows", [text_model.LOGIT_ROWS, 7])
+@pytest.mark.parametrize("logit_rows", [text_parts.LOGIT_ROWS, 7])
 def test_non_autoregressive_likelihood_equals_all_positions(logit_rows, monkeypatch):
-    monkeypatch.setattr(text_model, "LOGIT_ROWS", logit_rows)
+    monkeypatch.setattr(text_parts, "LOGIT_ROWS", logit_rows)
     model = make_model("biva")
     batch = make_batch([4, 8, 13], seed=3)
     noise = HashedNoise(0, batch["index"])

@@ -40,6 +40,28 @@ def test_unknown_words_warn_and_encode_as_the_unknown_piece(biva_run, tmp_path, 
     assert warnings == ["warning: 2 word(s) outside the run's vocabulary read as <unk>: okapi, zebra"]
 
 
+def test_adjacent_unknown_words_are_named_and_read_as_one_unknown_piece_each(biva_run, tmp_path, capsys):
+    """The word model's SentencePiece encode merges a run of unknown words into one <unk>: each must still
+    be its own UNK, and the warning must name those words and no others."""
+    _, model, tokenizer = load_text_run(biva_run)
+    sentence = "the zebra okapi sees the dog and the happy child !"  # two unknown words in a row
+    assert tokenizer.encode([sentence])[0].count(UNK_ID) == 1  # what SentencePiece alone gives
+    encoded = batch_of(model, tokenizer, [sentence])
+    assert encoded.unknown == ["okapi", "zebra"] and not encoded.skipped
+    row, length = encoded.batch["tokens"][0].tolist(), int(encoded.batch["length"][0])
+    assert length == len(sentence.split()) + 1 and row[length - 1] == EOS_ID
+    assert [i for i, t in enumerate(row[:length - 1]) if t == UNK_ID] == [1, 2]
+    known = tokenizer.encode(["the big cat sees the dog and the happy child !"])[0]
+    assert row[3:length - 1] == known[3:]  # the words after them keep their own pieces
+    assert tokenizer.encode_words([KNOWN, OTHER]) == tokenizer.encode([KNOWN, OTHER])  # no unknown word: as before
+    path = tmp_path / "in.txt"
+    path.write_text(sentence + "\n")
+    code, out, err = run_script("reconstruct_text", ["--run", biva_run, "--input", path, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        "warning: 2 word(s) outside the run's vocabulary read as <unk>: okapi, zebra"]
+
+
 def test_encode_text_writes_every_groups_posterior_mean_and_scale(biva_run, vae_run, tmp_path, capsys):
     path = tmp_path / "in.txt"
     too_long = " ".join(["the cat"] * 10)
