@@ -14,12 +14,12 @@ binary images, batch 48: benchmarks/image_throughput.py --preset binary (the eng
     autocast (log-densities stay fp32), and in fp32 eager (--no-compile), against
     the official BIVA PyTorch code (benchmarks/reference_biva.py, run by --reference-python: a Python
     with biva-pytorch installed; see that script's docstring; without those rows are skipped), in fp32
-    (the row every ratio is taken against, as the issue's table) and under bf16 autocast (like for like
+    (the row every ratio is taken against, as in docs/benchmarks.md's table) and under bf16 autocast (like for like
     with this project's bf16 row; the official code has no such option, the benchmark wraps its step).
 text, vocabulary 20,000, batch 64, random lengths of 4 to 41 predicted tokens (mean ~23):
     benchmarks/text_throughput.py (paper-sized biva-lstm) with batches shaped like length-bucketed
     ones (--length-buckets) and with plain random batches, in fp32 and bf16, against a textbook padded
-    LSTM-VAE of 53.8M parameters (benchmarks/reference_lstm_vae.py), the stand-in for the issue's
+    LSTM-VAE of 53.8M parameters (benchmarks/reference_lstm_vae.py), the stand-in for the
     reference row.
 The last line of output is one JSON object with every figure.
 """
@@ -66,7 +66,7 @@ def entries(args) -> list[tuple[str, str, list[str], str]]:
              [py, str(HERE / "reference_lstm_vae.py"), "--device", "cpu", "--threads", t, "--batch-size", "64",
               "--steps", s, "--warmup", "1"], "train_tokens_per_s")]
     if not args.bf16_anyway:
-        from shared.engine import native_cpu_bf16
+        from shared.launch import native_cpu_bf16
 
         if not native_cpu_bf16():
             skipped = [name for name, *_ in out if "bf16" in name]

@@ -409,7 +409,7 @@ def table(entries: list[Entry], records: dict[str, dict], meta: dict) -> str:
              f"{meta['updated']}: {meta['done']} of {len(entries)} entries done, {meta['elapsed_s']:.0f} s of the "
              f"{meta['budget_s']:.0f} s budget used" + (" (finished)" if meta["finished"] else ""), ""]
     if meta["device"] != "cuda":
-        lines += ["Not on a GPU: tiny shapes, a check of the pipeline; the figures are not the issue's.", ""]
+        lines += ["Not on a GPU: tiny shapes, a check of the pipeline; the figures are not the targets'.", ""]
     lines += ["| # | entry | status | figure | peak GPU memory | wall | log |", "|---|---|---|---|---|---|---|"]
     for i, e in enumerate(entries, 1):
         r = records[e.name]

@@ -4,7 +4,7 @@
     python benchmarks/image_throughput.py --preset cifar10 --batch-size 48 --mixed-precision bf16
     python benchmarks/image_throughput.py --preset tiny --device cpu --steps 5 --iw-samples 20
 
-Training: the engine's step (shared.engine.training_loss: -log p(x|z) + free-bits KL; backward; the
+Training: the engine's step (shared.objective.training_loss: -log p(x|z) + free-bits KL; backward; the
 gradient norm and the skip guard on the device, one host transfer; Adamax; EMA update) for --steps
 timed steps after --warmup untimed ones; images/s = batch x steps / seconds. --mixed-precision bf16
 works on a CPU too (autocast; log-densities stay fp32). Evaluation: the importance-weighted bound
@@ -61,13 +61,14 @@ def parse_args(argv=None):
 def engine_step(forward, model, optimizer, ema, batch: dict, noise, lam: float, autocast, counter: dict,
                 scaler=None) -> float:
     """One optimiser step as shared.engine.Trainer._update takes it for one micro-batch on one process:
-    training_loss, backward, the gradient norm (shared.engine.grad_norm) and the skip guard on the device,
+    training_loss, backward, the gradient norm (shared.optim.grad_norm) and the skip guard on the device,
     one host transfer, Adamax and the EMA update when the step is good. ``forward`` is the model to call
     (maybe compiled), ``model`` the one holding the parameters; ``counter["steps"]`` counts the updates.
     Returns the loss."""
     import torch
 
-    from shared.engine import grad_norm, training_loss
+    from shared.objective import training_loss
+    from shared.optim import grad_norm
 
     with autocast():
         loss, _ = training_loss(forward, batch, noise, lam)
@@ -104,7 +105,9 @@ def main(argv=None) -> dict:
     from shared.bounds import auto_iw_chunk, iw_bound
     from shared.cli import pick_device
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, compile_optimizer_step, compile_wanted, keep_freed_cpu_memory
+    from shared.ema import EMA
+    from shared.launch import compile_wanted, keep_freed_cpu_memory
+    from shared.optim import compile_optimizer_step
     from shared.nn import set_channels_last
 
     if args.threads:

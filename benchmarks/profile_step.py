@@ -159,7 +159,8 @@ def main(argv=None) -> None:
 
     engine_step = sibling("image_throughput").engine_step
     from shared.distributions import TrainNoise
-    from shared.engine import EMA, keep_freed_cpu_memory
+    from shared.ema import EMA
+    from shared.launch import keep_freed_cpu_memory
 
     device = torch.device(pick_device(args.device))
     if args.threads:

@@ -136,7 +136,7 @@ def train_classifier_alone(run_dir: Path, images: np.ndarray, labels: np.ndarray
     from biva_image.model import ImageModelConfig, ImageVAE
     from shared.config import from_dict, read_json
     from shared.distributions import TrainNoise
-    from shared.engine import EMA
+    from shared.ema import EMA
 
     config = read_json(run_dir / "config.json", "config")
     train = config["train"]

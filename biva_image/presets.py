@@ -1,4 +1,4 @@
-"""The paper's image presets (Appendix C, DESIGN.md §6) and a tiny one for tests and CPU runs.
+"""The paper's image presets (Appendix C, docs/design.md §6) and a tiny one for tests and CPU runs.
 
 A preset is a model config plus the training defaults that go with it; CLI flags override fields.
 """
@@ -42,7 +42,7 @@ def binary(levels: int = 6) -> ImagePreset:
     # Free bits 2 nats per group, dropped straight to the floor 0 (the paper's lambda = 0 fine-tuning) once
     # validation stalls; the floor must be 0 explicitly, since free_bits_min is a floor the budget stops at.
     # compile "cpu" (ours): the training step compiled where it runs on a CPU (fp32 or bf16), faster there
-    # than eager (docs/performance.md; shared.engine.compile_wanted); --no-compile runs eager.
+    # than eager (docs/performance.md; shared.launch.compile_wanted); --no-compile runs eager.
     train = TrainConfig(epochs=500, batch_size=48, lr=2e-3, eval_every=2000, save_every=2000, free_bits=2.0,
                         free_bits_factor=0.0, free_bits_patience=10, free_bits_min=0.0, ema_decay=0.9995,
                         compile="cpu")

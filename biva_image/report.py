@@ -1,4 +1,4 @@
-"""The image report (CONTRACTS.md, Report JSON) of a run, as report_image.py writes it, and the
+"""The image report (docs/reference.md, Report JSON) of a run, as report_image.py writes it, and the
 ablation table built from several reports.
 
 Importing this module is torch-free (``compare_image.py`` only reads JSON, report_image.py checks its
@@ -173,7 +173,8 @@ def report_run(args: argparse.Namespace) -> dict:
     evaluation and before anything is written, then the bounds (and the classifier's error, the anomaly
     curve against an OOD set) of ``args.run``, written as RUN/report-<split>.json (and ``args.json``) with
     its plots, and printed as a table. Returns the report."""
-    from shared.run_dir import output_dir, resolve_run, run_step
+    from shared.checkpoints import run_step
+    from shared.run_dir import output_dir, resolve_run
 
     from .runs import check_image_run
 

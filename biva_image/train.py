@@ -90,7 +90,9 @@ def train_image(args: argparse.Namespace, argv: list | None = None, script: str 
     import numpy as np
 
     from shared.config import from_dict, replace
-    from shared.engine import Trainer, default_resume_command, labelled_batch_size, process_state
+    from shared.batching import labelled_batch_size
+    from shared.engine import Trainer
+    from shared.launch import default_resume_command, process_state
     from shared.nn import set_channels_last
     from shared.run_dir import read_labelled_indices, write_labelled_indices, write_run_config
     from shared.train import check_init_reset, init_summary, open_run, start_weights

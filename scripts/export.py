@@ -73,9 +73,12 @@ def _image_datasets(data: dict) -> tuple[str, list[str]]:
 
 def _text_datasets(data: dict) -> tuple[str, list[str]]:
     from biva_text.data import HUB_ALIASES
+    from biva_text.names import BUNDLED_DATASETS
 
     if data.get("train_files"):
         return "local text files " + ", ".join(Path(f).name for f in data["train_files"]), []
+    if data.get("dataset") in BUNDLED_DATASETS:  # shipped with the package: no hub dataset to link
+        return f"{data['dataset']} (the corpus bundled with the package, biva_text/corpora)", []
     hub_id = HUB_ALIASES.get(data.get("dataset"), data.get("dataset"))
     return hub_id, [hub_id] if hub_id else []
 
@@ -84,7 +87,9 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     from shared.config import read_json
     from shared.export import CARD, check_can_push, check_destination, model_card, push_folder, write_folder_atomic
-    from shared.run_dir import CONFIG, LABELLED, WEIGHTS, read_run_config, resolve_run, run_step, write_json_atomic
+    from shared.config import write_json_atomic
+    from shared.checkpoints import run_step
+    from shared.run_dir import CONFIG, LABELLED, WEIGHTS, read_run_config, resolve_run
 
     run_dir = resolve_run(args.run)
     run = read_run_config(run_dir)

@@ -6,7 +6,7 @@ optionally anomaly detection against an out-of-distribution set with L^{>k}.
     python scripts/report_image.py --run runs/cifar10 --ood-dataset svhn --ood-k 0 3 6 9 11 13
     python scripts/report_image.py --run runs/patches --split valid --ood-data-dir other_images/
 
-Prints a table and writes RUN/report-<split>.json (read by compare_image.py; CONTRACTS.md lists its
+Prints a table and writes RUN/report-<split>.json (read by compare_image.py; docs/reference.md lists its
 keys), the --json copy if asked, RUN/report-<split>-kl.png (KL per latent group), with an OOD set
 RUN/report-<split>-anomaly.png (bits/dim of both sets and AUROC against k) and, for a semi-supervised
 run (train_image.py --labels-per-class), RUN/report-<split>-confusion.png: the report then holds

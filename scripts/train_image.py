@@ -54,7 +54,7 @@ def parse_args(argv=None):
     d.add_argument("--model", choices=IMAGE_MODELS, help="biva, or the ablations lvae+ / lvae (default biva)")
     d.add_argument("--likelihood", choices=LIKELIHOODS, help="default: the preset's (bernoulli for binary images)")
     d.add_argument("--levels", type=positive_int, help="ladder depth L (default: the preset's; e.g. 29 for LVAE+ L=29)")
-    s = p.add_argument_group("semi-supervised (DESIGN.md §9b)")
+    s = p.add_argument_group("semi-supervised (docs/design.md §9b)")
     s.add_argument("--labels-per-class", type=positive_int,
                    help="train semi-supervised with the labels of this many training images per class (a seeded, "
                         "class-balanced draw from --split-seed); the other training images train unlabelled "

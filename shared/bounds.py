@@ -1,4 +1,4 @@
-"""Bounds on log p(x) (DESIGN.md §3): the ELBO L_1, the importance-weighted L_K, L^{>k}, bits/dim,
+"""Bounds on log p(x) (docs/design.md §3): the ELBO L_1, the importance-weighted L_K, L^{>k}, bits/dim,
 and active units. Evaluation noise is keyed by (seed, example index, sample index), so every figure
 is the same whatever the batch size, the chunking of samples, or the number of processes.
 

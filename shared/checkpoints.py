@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from . import run_dir as rd
+from .config import RunConfig, read_json
 from .errors import DISK_FULL_EXIT_CODE, UserError, is_disk_full
 from .metrics_log import metrics_size, truncate_metrics
+from .run_dir import CHECKPOINTS, CONFIG, read_run_config
 
 if TYPE_CHECKING:
     from .engine import Trainer
 
-CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"  # in each checkpoint: size and sha256 of every other file, recorded at save
 STATE = "trainer_state.json"  # in each checkpoint: step, data position, schedules, log window
 STORAGE_EXIT_CODE = DISK_FULL_EXIT_CODE  # a checkpoint or the weights could not be written (disk full)
@@ -48,6 +50,38 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def run_step(run_dir: str | Path) -> int | None:
+    """The training step of the run's exported weights: its latest checkpoint, or for a folder written
+    by scripts/export.py (no checkpoints) the step recorded there in config.json."""
+    latest = latest_checkpoint(Path(run_dir))
+    if latest is not None:
+        return latest[0]
+    path = Path(run_dir) / CONFIG
+    step = read_json(path, "run config").get("extra", {}).get("step") if path.is_file() else None
+    return step if isinstance(step, int) else None
+
+
+def check_resumable(run_dir: str | Path, modality: str | None = None, preset: str | None = None) -> RunConfig:
+    """What --resume needs, checked without torch: a config.json of the right modality (and preset, if
+    one is asked for) whose latest checkpoint was written by the same model."""
+    run_dir = Path(run_dir)
+    run = read_run_config(run_dir, modality)
+    if preset is not None and preset != run.preset:
+        raise UserError(f"--preset {preset} differs from the resumed run's preset {run.preset}; "
+                        f"drop --preset or choose a new --output-dir")
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        path = latest[1]
+        try:
+            state = read_json(path / STATE, "checkpoint state")
+        except UserError:
+            state = None  # damaged: the engine finds it against the manifest and falls back to an older one
+        if state is not None and (not isinstance(state, dict) or state.get("model") != run.model):
+            raise UserError(f"checkpoint {path} was written by a different model than {run_dir / CONFIG} "
+                            f"(another preset or model flags); remove that checkpoint or choose a new --output-dir")
+    return run
 
 
 def file_sha256(path: Path) -> str:
@@ -131,8 +165,6 @@ class Checkpoints:
     def save(self) -> Path:
         from safetensors.torch import save_file
 
-        from . import run_dir as rd
-
         t = self.t
         acc, step = t.accelerator, t.state.step
         root = t.output_dir / CHECKPOINTS
@@ -190,8 +222,6 @@ class Checkpoints:
         """Run ``write`` (on the processes that have one), then agree on failures across processes.
         A full disk (or quota) stops every process with one line and STORAGE_EXIT_CODE, after the
         temporary files are removed; any other error is raised again where it happened."""
-        from . import run_dir as rd
-
         t = self.t
         acc = t.accelerator
         error = None
@@ -223,8 +253,6 @@ class Checkpoints:
         raise SystemExit(STORAGE_EXIT_CODE)
 
     def _disk_full_message(self, failure: tuple, doing: str) -> str:
-        from . import run_dir as rd
-
         t = self.t
         rank, number, _, filename = failure
         what = os.strerror(number).lower() + (f" on process {rank}" if t.accelerator.num_processes > 1 else "")
@@ -248,10 +276,8 @@ class Checkpoints:
     def resume(self) -> None:
         """Load the newest intact checkpoint into the trainer (``Trainer.restore`` takes its trainer state);
         with no checkpoint yet the run starts over with its saved config."""
-        from . import run_dir as rd
-
         t = self.t
-        saved = rd.read_run_config(t.output_dir)
+        saved = read_run_config(t.output_dir)
         if saved.modality != t.run.modality or saved.model != t.run.model:
             raise UserError(f"{t.output_dir} was made by a different model ({saved.modality}, preset "
                             f"{saved.preset}); resume with the same settings or choose a new --output-dir")

@@ -1,4 +1,4 @@
-"""The command line shared by every script (CONTRACTS.md). Torch-free: flags are validated before
+"""The command line shared by every script (docs/reference.md). Torch-free: flags are validated before
 anything heavy is imported, so a wrong flag fails in well under a second."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .tracking import REPORT_TO
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with CONTRACTS.md's error format: one line on stderr, exit status 2.
+    """argparse with docs/reference.md's error format: one line on stderr, exit status 2.
 
     Checks registered in ``checks`` (e.g. by ``add_training_flags``) run right after parsing, still
     before anything heavy is imported.
@@ -121,7 +121,7 @@ def add_training_flags(p: argparse.ArgumentParser, presets: list[str], modality:
     t.add_argument("--keep-checkpoints", type=positive_int, help="keep the last N checkpoints")
     t.add_argument("--log-every", type=positive_int, help="write training metrics every N steps")
     t.add_argument("--ema-decay", type=fraction, help="decay of the EMA weights used for evaluation and export")
-    f = p.add_argument_group("free bits (DESIGN.md §5)")
+    f = p.add_argument_group("free bits (docs/design.md §5)")
     f.add_argument("--free-bits", type=nonneg_float, help="lambda per latent group, in nats (images)")
     f.add_argument("--free-bits-budget", type=nonneg_float, help="total budget B in nats, split over the groups (text), "
                                                                    "lowered on plateaus of the validation ELBO")
@@ -174,7 +174,8 @@ def check_run_flags(args: argparse.Namespace, modality: str | None = None) -> No
     """The run directory must fit --resume, checked before data or torch are loaded. Under torchrun
     every process checks here, before the processes meet, so none can see a config.json that the
     main process wrote for this very run."""
-    from .run_dir import check_output_dir, check_resumable
+    from .checkpoints import check_resumable
+    from .run_dir import check_output_dir
 
     if args.resume and args.output_dir is None:
         raise UserError("--resume needs --output-dir, the run directory to continue")

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from . import run_dir as rd
 from . import tracking
 from .batching import BatchPlan
-from .checkpoints import STORAGE_EXIT_CODE, Checkpoints  # noqa: F401  (STORAGE_EXIT_CODE: the scripts' exit code)
+from .checkpoints import Checkpoints
+from .config import RunConfig
 from .debug_hooks import Faults, dump_state
 from .distributions import TrainNoise
 from .ema import EMA
@@ -57,7 +58,7 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, run: rd.RunConfig, build_model: Callable[[], LatentVariableModel],
+    def __init__(self, run: RunConfig, build_model: Callable[[], LatentVariableModel],
                  train_set: Dataset, valid_set: Dataset, output_dir: str | Path, resume: bool = False,
                  on_evaluate: Callable | None = None, resume_command: str | None = None,
                  labelled_set: Dataset | None = None, init_weights: str | Path | None = None):
@@ -469,10 +470,3 @@ class Trainer:
             print(f"received {self._stop_signal}: saved checkpoint {path} at step {self.state.step}; "
                   f"resume with: {self.resume_command}", file=sys.stderr)
         raise SystemExit(128 + signal.Signals[self._stop_signal].value)  # 143 for SIGTERM, 130 for SIGINT
-
-
-# TEMP-COMPAT: old import paths, kept while the restructure lands; removed before commit.
-from .batching import labelled_batch_size  # noqa: E402,F401
-from .launch import launched_rank, native_cpu_bf16  # noqa: E402,F401
-from .objective import training_loss  # noqa: E402,F401
-from .train import reset_state  # noqa: E402,F401

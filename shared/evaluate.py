@@ -33,7 +33,7 @@ class EvalResult:
     subset: dict | None = None  # subset_info of the examples scored; None: the whole dataset
 
     def labelled_kl_per_group(self, group_info: list[dict]) -> list[dict]:
-        """``[{"level", "kind", "kl"}]`` for the reported groups (CONTRACTS.md ``kl_per_group``)."""
+        """``[{"level", "kind", "kl"}]`` for the reported groups (docs/reference.md ``kl_per_group``)."""
         return [{"level": group_info[g]["level"], "kind": group_info[g]["kind"], "kl": kl}
                 for g, kl in zip(self.groups, self.kl_per_group)]
 

@@ -18,7 +18,7 @@ from .errors import UserError
 
 CARD = "README.md"
 
-# Report columns of the model card per modality: (header, report key, format). CONTRACTS.md lists the keys.
+# Report columns of the model card per modality: (header, report key, format). docs/reference.md lists the keys.
 CARD_COLUMNS = {
     "image": [("bits/dim ELBO", "bits_per_dim_elbo", ".4f"), ("bits/dim L_K", "bits_per_dim_iw", ".4f"),
               ("nats ELBO", "nats_elbo", ".3f"), ("nats L_K", "nats_iw", ".3f"), ("K", "iw_samples", "d")],

@@ -1,4 +1,4 @@
-"""Free bits (Kingma et al. 2016) and the free-bits-on-plateau schedule (DESIGN.md §5).
+"""Free bits (Kingma et al. 2016) and the free-bits-on-plateau schedule (docs/design.md §5).
 
 Torch is imported by ``free_bits_kl`` only: the command line reads the schedule's constants before
 anything heavy is loaded.

@@ -1,4 +1,4 @@
-"""The BIVA ladder, written once for dense, 1-D and 2-D feature maps (DESIGN.md §2).
+"""The BIVA ladder, written once for dense, 1-D and 2-D feature maps (docs/design.md §2).
 
 Two switches give the paper's ablations on the same code:
 

@@ -44,6 +44,8 @@ class ModelOutput:
         bound = self.log_px if self.class_term is None else self.log_px + self.class_term
         if self.log_q.shape[1] == 0:
             return bound
+        if all(self.scored):  # every group (the ELBO, as in training): no mask to copy to the device
+            return bound - self.kl.sum(dim=1)
         mask = torch.tensor(self.scored, device=self.log_q.device)
         return bound - torch.where(mask, self.kl, torch.zeros_like(self.kl)).sum(dim=1)
 

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoints import CHECKPOINTS, STATE, latest_checkpoint
 from .config import RunConfig, read_json, write_json_atomic
 from .errors import UserError
 from .hub import HUB_ID_RE, fetch_model, in_hub_cache
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CHECKPOINTS = "checkpoints"  # one folder per checkpoint: shared/checkpoints.py
 LABELLED = "labelled_indices.json"  # semi-supervised runs: which training examples carry their label
 
 if TYPE_CHECKING:
@@ -89,38 +89,6 @@ def output_dir(run_dir: str | Path) -> Path:
     return out
 
 
-def run_step(run_dir: str | Path) -> int | None:
-    """The training step of the run's exported weights: its latest checkpoint, or for a folder written
-    by scripts/export.py (no checkpoints) the step recorded there in config.json."""
-    latest = latest_checkpoint(Path(run_dir))
-    if latest is not None:
-        return latest[0]
-    path = Path(run_dir) / CONFIG
-    step = read_json(path, "run config").get("extra", {}).get("step") if path.is_file() else None
-    return step if isinstance(step, int) else None
-
-
-def check_resumable(run_dir: str | Path, modality: str | None = None, preset: str | None = None) -> RunConfig:
-    """What --resume needs, checked without torch: a config.json of the right modality (and preset, if
-    one is asked for) whose latest checkpoint was written by the same model."""
-    run_dir = Path(run_dir)
-    run = read_run_config(run_dir, modality)
-    if preset is not None and preset != run.preset:
-        raise UserError(f"--preset {preset} differs from the resumed run's preset {run.preset}; "
-                        f"drop --preset or choose a new --output-dir")
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        path = latest[1]
-        try:
-            state = read_json(path / STATE, "checkpoint state")
-        except UserError:
-            state = None  # damaged: the engine finds it against the manifest and falls back to an older one
-        if state is not None and (not isinstance(state, dict) or state.get("model") != run.model):
-            raise UserError(f"checkpoint {path} was written by a different model than {run_dir / CONFIG} "
-                            f"(another preset or model flags); remove that checkpoint or choose a new --output-dir")
-    return run
-
-
 def write_run_config(run_dir: Path, run: RunConfig) -> None:
     write_json_atomic(run_dir / CONFIG, run.to_json())
 
@@ -166,11 +134,3 @@ def load_weights(run_dir: str | Path, model: "torch.nn.Module") -> "torch.nn.Mod
         raise UserError(f"{path} does not match the model of {Path(run_dir) / CONFIG} "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
     return model
-
-
-# TEMP-COMPAT: old import paths, kept while the restructure lands; removed before commit.
-from .checkpoints import (MANIFEST, checkpoint_damage, checkpoints, file_sha256, folder_size,  # noqa: E402,F401
-                          prune_checkpoints, set_aside, write_manifest)
-from .config import TrainConfig  # noqa: E402,F401
-from .errors import is_disk_full  # noqa: E402,F401
-from .metrics_log import METRICS, append_metrics, metrics_size, read_metrics, truncate_metrics  # noqa: E402,F401

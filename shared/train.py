@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .checkpoints import check_resumable, latest_checkpoint, run_step
 from .cli import default_output_dir, training_overrides
 from .config import RunConfig, replace
 from .errors import UserError
-from .run_dir import (WEIGHTS, check_output_dir, check_resumable, latest_checkpoint, read_run_config, resolve_run,
-                      run_step)
+from .run_dir import WEIGHTS, check_output_dir, read_run_config, resolve_run
 
 if TYPE_CHECKING:
     import torch

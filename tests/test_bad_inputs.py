@@ -1,4 +1,4 @@
-"""Bad inputs across all scripts end as CONTRACTS.md says: exit status 2, one line on stderr that names
+"""Bad inputs across all scripts end as docs/reference.md says: exit status 2, one line on stderr that names
 the problem (and the fix), no traceback, and every existing file byte-for-byte unchanged.
 
 The scripts run as subprocesses, as users see them. Flag and run-directory errors fail before torch

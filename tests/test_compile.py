@@ -15,7 +15,7 @@ from core_utils import stripes, tiny_image_config
 
 from biva_image.model import ImageVAE
 from shared.distributions import TrainNoise
-from shared.engine import training_loss
+from shared.objective import training_loss
 
 pytestmark = pytest.mark.slow
 
@@ -119,9 +119,9 @@ def test_compiled_dropout_draws_the_eager_mask(p):
 
 
 def test_compiled_optimizer_step_equals_eager():
-    """--compile compiles Adamax's update too (shared.engine.compile_optimizer_step): after three steps
+    """--compile compiles Adamax's update too (shared.optim.compile_optimizer_step): after three steps
     the parameters and the optimiser's state equal the eager optimiser's (rtol 1e-5)."""
-    from shared.engine import compile_optimizer_step
+    from shared.optim import compile_optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ELU(), torch.nn.Linear(7, 3))
@@ -153,7 +153,8 @@ def test_compile_takes_the_optimiser_step_into_the_engine(tmp_path, monkeypatch)
     from core_utils import ArrayDataset, build, tiny_run
 
     from shared.engine import Trainer
-    from shared.run_dir import read_metrics, write_run_config
+    from shared.metrics_log import read_metrics
+    from shared.run_dir import write_run_config
 
     calls, compile_ = [], functools.partial(torch.compile, backend="eager")
 
@@ -192,13 +193,13 @@ def test_compile_takes_the_optimiser_step_into_the_engine(tmp_path, monkeypatch)
 def test_the_compile_setting_resolves_by_device_and_precision(setting, device, precision, expected):
     """TrainConfig.compile "cpu" (the binary preset's default) compiles only where that was measured faster:
     a CPU in fp32 or bf16."""
-    from shared.engine import compile_wanted
+    from shared.launch import compile_wanted
 
     assert compile_wanted(setting, device, precision) is expected
 
 
 def test_a_bad_compile_setting_is_a_user_error():
-    from shared.engine import compile_wanted
+    from shared.launch import compile_wanted
     from shared.errors import UserError
 
     with pytest.raises(UserError, match="compile must be true, false or \"cpu\", got 'gpu'"):
@@ -283,7 +284,7 @@ def test_the_cpu_default_falls_back_to_eager_without_a_cpp_compiler(monkeypatch)
     C++ compiler "cpu" trains eager and says so; an explicit --compile is left to fail loudly."""
     import torch._inductor.cpp_builder as cpp_builder
 
-    from shared.engine import compile_wanted
+    from shared.launch import compile_wanted
 
     def no_compiler():
         raise RuntimeError("no working C++ compiler found")

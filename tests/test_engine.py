@@ -12,8 +12,9 @@ from shared.config import RunConfig, from_dict
 from shared.engine import Trainer
 from shared.errors import UserError
 from shared.ladder import LadderConfig
-from shared.run_dir import (check_output_dir, latest_checkpoint, load_weights, read_metrics, read_run_config,
-                            write_run_config)
+from shared.checkpoints import latest_checkpoint
+from shared.metrics_log import read_metrics
+from shared.run_dir import check_output_dir, load_weights, read_run_config, write_run_config
 
 TRAIN, VALID = stripes(256, seed=0), stripes(64, seed=1)
 

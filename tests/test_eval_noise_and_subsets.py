@@ -226,7 +226,8 @@ def test_validation_scores_the_same_seeded_subset_every_time(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from shared.engine import Trainer
-    from shared.run_dir import read_metrics, write_run_config
+    from shared.metrics_log import read_metrics
+    from shared.run_dir import write_run_config
 
     cfg = tiny_image_config("biva")
     run = tiny_run(cfg, max_steps=4, eval_every=2, save_every=2, log_every=2, eval_examples=13, eval_seed=3)

@@ -177,6 +177,7 @@ def test_an_unknown_hub_id_offline_fails_in_under_5_seconds_with_one_line():
     assert len(p.stderr.strip().splitlines()) == 1 and "nobody/no-such-biva" in p.stderr and "HF_HUB_OFFLINE" in p.stderr
 
 
+@pytest.mark.slow
 def test_an_unresponsive_hub_fails_within_its_metadata_timeout(monkeypatch):
     """An endpoint that accepts connections and never answers: huggingface_hub alone waits forever."""
     from huggingface_hub import constants

@@ -23,7 +23,8 @@ from shared.debug_hooks import Faults
 from shared.distributions import TrainNoise
 from shared.engine import Trainer
 from shared.errors import UserError
-from shared.run_dir import check_output_dir, latest_checkpoint, write_run_config
+from shared.checkpoints import latest_checkpoint
+from shared.run_dir import check_output_dir, write_run_config
 
 # ---------------------------------------------------------------------------------------------- kills
 
@@ -72,6 +73,7 @@ def complete_records(out):
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     data = image_folder(tmp_path / "data")
     # 63 training images, batches of 8: 7 steps per epoch, so checkpoints and kills fall mid-epoch.

@@ -1,3 +1,4 @@
+import pytest
 """benchmarks/gpu_speed.py, the prepared GPU check, on a CPU in seconds: its runner with fake entries
 (one that succeeds, one that raises, one that prints garbage, one that hangs past its timeout, one that
 cannot start) leaves every figure, the whole traceback, the timeout mark and the table and summary on
@@ -188,6 +189,7 @@ def test_builtin_plan_is_ordered_and_fits_its_budgets():
     assert "--compile" not in " ".join(" ".join(e.command) for e in gs.builtin_entries("cuda", compile_entries=False))
 
 
+@pytest.mark.slow
 def test_real_entries_on_tiny_cpu_shapes(tmp_path):
     """The three scripts the GPU check runs (image_throughput, text_throughput, profile_step) still run
     under its --child wrapper: a broken import there would cost a GPU slot all its figures."""

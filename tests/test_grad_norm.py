@@ -1,4 +1,4 @@
-"""shared.engine.grad_norm: the skip guard's gradient norm, clipping only when --grad-clip asks for it."""
+"""shared.optim.grad_norm: the skip guard's gradient norm, clipping only when --grad-clip asks for it."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from shared.engine import grad_norm
+from shared.optim import grad_norm
 
 
 def _params_with_grads(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -82,7 +82,8 @@ def test_trainer_clips_with_grad_clip_only(tmp_path, monkeypatch, clip):
     from core_utils import ArrayDataset, build, stripes, tiny_image_config, tiny_run
 
     from shared.engine import Trainer
-    from shared.run_dir import read_metrics, write_run_config
+    from shared.metrics_log import read_metrics
+    from shared.run_dir import write_run_config
 
     calls = []
     real = Accelerator.clip_grad_norm_

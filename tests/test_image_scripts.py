@@ -191,6 +191,7 @@ def test_report_numbers_do_not_depend_on_the_batch_size(world, tmp_path):
     assert a["subset"]["seed"] == 0 and a["subset"]["stratified"] is False
 
 
+@pytest.mark.slow
 def test_compiled_report_equals_eager(world, capsys, monkeypatch):
     """--compile runs the bounds' forward passes through torch.compile: the same figures, recorded in the
     report, with the time it took. Dynamo traces the passes here, AOT autograd's eager backend runs
@@ -459,20 +460,6 @@ def test_op_times_profile_times_each_operator_of_the_training_step(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--what", "image", "--op-times"])
     assert "--op-times times operators on the CPU" in capsys.readouterr().err
-
-
-def test_gpu_speed_check_runs_every_entry_and_writes_its_json(tmp_path, capsys):
-    """The prepared GPU check (benchmarks/gpu_speed.py), on the CPU at tiny shapes: every entry runs in
-    its own process and lands in the summary and in gpu_speed.json."""
-    result = _benchmark("gpu_speed").main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path)])
-    names = [r["name"] for r in result["results"]]
-    assert names == ["cifar10 bf16 b48", "cifar10 fp32 b48", "cifar10 bf16 b256", "biva-lstm bf16 b512", "profile"]
-    assert not [r for r in result["results"] if "error" in r]
-    assert result["results"][0]["train_images_per_s"] > 0 and result["results"][0]["eval_images_per_s"] > 0
-    assert json.loads((tmp_path / "gpu_speed.json").read_text()) == json.loads(json.dumps(result))
-    out = capsys.readouterr().out
-    assert "| bf16 / fp32 at batch 48 |" in out and "| biva-lstm bf16, batch 512 |" in out
-    assert (tmp_path / "profile.txt").read_text().count("aten::") > 3
 
 
 def _idx(path: Path, array: np.ndarray) -> None:

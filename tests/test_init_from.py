@@ -1,4 +1,4 @@
-"""--init-from (fine-tuning, DESIGN.md §5): a new run that starts from another run's exported weights,
+"""--init-from (fine-tuning, docs/design.md §5): a new run that starts from another run's exported weights,
 with the same model config, its own optimiser, step and free-bits schedule, recorded in config.json."""
 import json
 import shutil

@@ -91,7 +91,7 @@ def test_upsampling_convolution_is_the_convolution_of_the_upsampled_map(ndim, ke
 HEAP_PROBE = """
 import ctypes, sys
 import torch
-from shared.engine import keep_freed_cpu_memory
+from shared.launch import keep_freed_cpu_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -107,6 +107,7 @@ print(applied, mapped >= 40 << 20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
 def test_a_cpu_run_serves_large_activations_from_the_heap_unless_opted_out():
     """keep_freed_cpu_memory (called by the Trainer on a CPU) raises glibc's mmap threshold, so a 40 MiB

@@ -45,7 +45,7 @@ def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_nowhere_else(monkeypatch):
 
 
 def test_bf16_run_trains_and_validates_on_the_cpu(tmp_path, fresh_accelerator_state, capsys):
-    from shared.engine import native_cpu_bf16
+    from shared.launch import native_cpu_bf16
 
     cfg = tiny_image_config("biva")
     run = tiny_run(cfg, max_steps=40, eval_every=20, save_every=40, free_bits=0.1, mixed_precision="bf16")

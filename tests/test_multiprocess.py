@@ -15,7 +15,8 @@ from script_utils import (ROOT, TORCHRUN, image_folder, metrics, run_script, scr
 from shared.evaluate import evaluate
 from shared.run_dir import read_run_config
 
-pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")]
 
 
 def torchrun(script, *args, env):

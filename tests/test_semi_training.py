@@ -1,4 +1,4 @@
-"""Semi-supervised training (issue 10): the labelled subset is class-balanced and seeded, no label
+"""Semi-supervised training: the labelled subset is class-balanced and seeded, no label
 reaches the unlabelled stream, data without labels (or with too few) fail in one line, and the two
 streams resume exactly and split over processes like the single stream."""
 import dataclasses
@@ -14,7 +14,7 @@ from test_multiprocess import assert_ranks_agree, torchrun
 
 from biva_image.data import (ImageDataConfig, ImageDataset, ImageSplits, labelled_subset, load_image_splits,
                              semi_supervised_sets)
-from shared.engine import BatchPlan
+from shared.batching import BatchPlan
 from shared.errors import UserError, run_cli
 
 CLASSES = 3
@@ -182,9 +182,10 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, data, r
     assert (out / "labelled_indices.json").read_bytes() == (ref / "labelled_indices.json").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path, data, reference):
-    """Weights cannot equal a one-process run's (each process draws its own training noise, DESIGN.md §9);
+    """Weights cannot equal a one-process run's (each process draws its own training noise, docs/design.md §9);
     what must: the ranks among themselves, both streams' positions, the labelled subset, and the
     validation figures, classification error included, on the same weights."""
     ref, _ = reference

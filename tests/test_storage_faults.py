@@ -18,7 +18,7 @@ from script_utils import (ROOT, TORCHRUN, checkpoint_steps, image_folder, metric
 from test_faults import assert_close, assert_same_tensors, exported_is_latest, make_trainer, resumed_from
 
 from shared.debug_hooks import Faults
-from shared.engine import STORAGE_EXIT_CODE
+from shared.checkpoints import STORAGE_EXIT_CODE
 from shared.errors import UserError
 
 STEPS = 12
@@ -56,6 +56,7 @@ def flip_bytes(path, at=0.5, n=16):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_corrupted_latest_checkpoint_resumes_from_the_one_before(tmp_path, image_run):
     common, ref = image_run
     out = tmp_path / "run"
@@ -77,6 +78,7 @@ def test_a_corrupted_latest_checkpoint_resumes_from_the_one_before(tmp_path, ima
     assert_same_run(out, ref)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_loses_nothing(tmp_path, image_run):
     common, ref = image_run
     out = tmp_path / "run"
@@ -105,6 +107,7 @@ def test_a_full_disk_while_checkpointing_loses_nothing(tmp_path, image_run):
     assert_same_run(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to python")
 def test_a_full_disk_on_one_process_stops_both(tmp_path, image_run):
     """Process 1 alone fails while process 0 goes on: no hang, both stop, one line from the main process."""

@@ -55,6 +55,7 @@ def hparams(acc: EventAccumulator) -> dict:
     return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
 
 
+@pytest.mark.slow
 def test_tensorboard_matches_metrics_across_a_kill_and_resume(tmp_path):
     data, run = image_folder(tmp_path / "data"), tmp_path / "run"
     flags = ["--data-dir", data, "--output-dir", run, "--cache-dir", tmp_path / "cache", *IMAGE_FLAGS]
@@ -91,6 +92,7 @@ def test_tensorboard_matches_metrics_across_a_kill_and_resume(tmp_path):
     assert "valid/elbo" in [m.name.tag for m in metric_tags]
 
 
+@pytest.mark.slow
 def test_text_run_logs_scalars_and_sample_sentences(tmp_path):
     files, run = text_files(tmp_path / "text"), tmp_path / "run"
     p = run_script("train_text.py", *text_flags(files, tmp_path / "cache"), "--output-dir", run, "--max-steps", 6,
@@ -107,6 +109,7 @@ def test_text_run_logs_scalars_and_sample_sentences(tmp_path):
         assert shown.splitlines() == ["    " + line for line in written]
 
 
+@pytest.mark.slow
 def test_report_to_none_writes_no_event_file(tmp_path):
     run = tmp_path / "run"
     p = run_script("train_image.py", "--data-dir", image_folder(tmp_path / "data"), "--output-dir", run,
