@@ -112,3 +112,41 @@ def test_config_errors_are_user_errors():
         LadderConfig(input_size=[30, 30], strides=[2, 1, 2]).validate()
     with pytest.raises(UserError, match="entries but levels"):
         LadderConfig(levels=4).validate()
+
+
+def test_the_ema_builds_its_tensor_lists_once_and_updates_as_before():
+    """EMA.update reads the source's fp32 parameters without a detach each step; the average is bit for bit
+    the lerp of the detached values, and the lists follow a new source model."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from shared.ema import EMA
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    ema = EMA(model, 0.9)
+    expected = [p.detach().clone() for p in ema.model.parameters()]
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        decay = min(0.9, (1.0 + step) / (10.0 + step))
+        expected = [torch.lerp(e, p.detach(), 1.0 - decay) for e, p in zip(expected, model.parameters())]
+        with Count() as count:
+            ema.update(model, step)
+        assert not [op for op in count.ops if "detach" in op]  # no per-parameter work beyond the fused lerp
+        for e, p in zip(expected, ema.model.parameters()):
+            assert torch.equal(e, p)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    ema.update(other, 100)  # a new source: its own tensors are read
+    assert torch.allclose(next(ema.model.parameters()),
+                          torch.lerp(expected[0], next(other.parameters()).detach(), 1.0 - 0.9))
