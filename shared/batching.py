@@ -77,3 +77,8 @@ def labelled_batch_size(cfg, n_labelled: int, world: int) -> int:
         raise UserError(f"the labelled batch of {size} does not split over {world} process(es) x --grad-accum "
                         f"{cfg.grad_accum}; set --labelled-batch-size to a multiple of {world * cfg.grad_accum}")
     return size
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on ``device`` (non-blocking where the memory allows); other entries as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

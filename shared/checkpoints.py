@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import run_dir as rd
 from .config import RunConfig, read_json
 from .errors import DISK_FULL_EXIT_CODE, UserError, is_disk_full
 from .metrics_log import metrics_size, truncate_metrics
-from .run_dir import CHECKPOINTS, CONFIG, read_run_config
+from .run_dir import CHECKPOINTS, CONFIG, WEIGHTS, export_weights, read_run_config
 
 if TYPE_CHECKING:
     from .engine import Trainer
@@ -198,8 +197,8 @@ class Checkpoints:
 
         def export():
             t.faults.kill_if("kill-renamed", step)
-            t.faults.disk_full_if("enospc-export", step, t.output_dir / (rd.WEIGHTS + ".tmp"))
-            rd.export_weights(t.output_dir, ema_state)
+            t.faults.disk_full_if("enospc-export", step, t.output_dir / (WEIGHTS + ".tmp"))
+            export_weights(t.output_dir, ema_state)
             self.exported_step = step
             prune_checkpoints(t.output_dir, t.cfg.keep_checkpoints)
 
@@ -240,7 +239,7 @@ class Checkpoints:
             return
         if t.is_main:
             shutil.rmtree(t.output_dir / CHECKPOINTS / f".tmp_step_{t.state.step}", ignore_errors=True)
-            (t.output_dir / (rd.WEIGHTS + ".tmp")).unlink(missing_ok=True)
+            (t.output_dir / (WEIGHTS + ".tmp")).unlink(missing_ok=True)
         full = [f for f in failures if f[1] is not None]
         if not full:
             if error is not None:
@@ -263,7 +262,7 @@ class Checkpoints:
             kept = "no checkpoint is complete yet (the resume starts over)"
         else:
             kept = f"the last good checkpoint {latest[1]} (step {latest[0]}) is intact"
-        weights = t.output_dir / rd.WEIGHTS
+        weights = t.output_dir / WEIGHTS
         if self.exported_step is not None:
             kept += f" and {weights} holds the weights of step {self.exported_step}, intact"
             if latest is not None and latest[0] != self.exported_step:
@@ -305,7 +304,7 @@ class Checkpoints:
             print(f"resuming from {path} (step {step})", file=sys.stderr)
             truncate_metrics(t.output_dir, step, state.get("metrics_bytes"))
             # A run killed between the rename and the export left older weights at the top.
-            rd.export_weights(t.output_dir, ema_state)
+            export_weights(t.output_dir, ema_state)
             self.exported_step = step
 
         self.write_stage(tidy if t.is_main else None, f"resuming from checkpoint {path}")

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .batching import to_device
 from .bounds import ActiveUnits, auto_iw_chunk, bits_per_dim, elbo, iw_bound
 from .distributions import HashedNoise
 
@@ -44,10 +45,6 @@ class EvalResult:
     @property
     def bits_per_dim_iw(self) -> float | None:
         return None if self.iw is None else float(bits_per_dim(self.iw * self.num_examples, self.num_dims))
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def subset_indices(n: int, size: int | None, seed: int, labels=None) -> np.ndarray:
@@ -132,7 +129,7 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, seed: int = 0, acceler
     autocast = accelerator.autocast if accelerator else contextlib.nullcontext
     show = progress and rank == 0 and len(loader) > 1
     for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         with autocast():
             out = elbo(model, batch, seed=seed, k=k)
             lb = out.bound().double()
@@ -198,7 +195,7 @@ def classification_error(model, dataset: Dataset, accelerator, *, batch_size: in
     model = model.eval()
     for start in range(0, len(mine), batch_size):
         part = mine[start:start + batch_size]
-        batch = _to_device(torch.utils.data.default_collate([dataset[i] for i in part]), acc.device)
+        batch = to_device(torch.utils.data.default_collate([dataset[i] for i in part]), acc.device)
         with acc.autocast():
             logits = model.classify(batch, HashedNoise(seed, batch["index"]))
         truth = labels[torch.as_tensor(part)].to(acc.device)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from .batching import BatchPlan, labelled_batch_size
+from .batching import BatchPlan, labelled_batch_size, to_device
 from .free_bits import free_bits_kl
 
 
@@ -30,10 +30,6 @@ def training_loss(model, batch: dict, noise, lam: float, analytic_kl: bool = Fal
     out = model(batch, noise, analytic_kl=analytic_kl)
     kl_for_loss = out.kl_analytic if (analytic_kl and out.kl_analytic is not None) else out.kl
     return -out.log_px.mean() + (free_bits_kl(kl_for_loss, lam) if out.kl.shape[1] else 0.0), out
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -62,7 +58,7 @@ class ElboObjective:
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     def loss(self, batch: dict, noise, lam: float):
-        return training_loss(self.model, _to_device(batch, self.accelerator.device), noise, lam, self.analytic_kl)
+        return training_loss(self.model, to_device(batch, self.accelerator.device), noise, lam, self.analytic_kl)
 
     def figures(self, out) -> torch.Tensor:
         return torch.cat([out.bound().detach().double().mean().view(1), out.kl.detach().double().mean(0)])
@@ -103,7 +99,7 @@ class SemiSupervisedObjective:
     def loss(self, pair: tuple[dict, dict], noise, lam: float):
         from .semi import semi_supervised_loss
 
-        unlabelled, labelled = (_to_device(batch, self.accelerator.device) for batch in pair)
+        unlabelled, labelled = (to_device(batch, self.accelerator.device) for batch in pair)
         terms = semi_supervised_loss(self.model, labelled, unlabelled, noise, lam, self.alpha,
                                      analytic_kl=self.analytic_kl)  # lam: the same lambda for every group
         return terms.loss, terms

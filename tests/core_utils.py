@@ -62,3 +62,10 @@ def tiny_run(model_cfg: ImageModelConfig, **train) -> RunConfig:
 
 def build(model_cfg: ImageModelConfig):
     return lambda: ImageVAE(model_cfg)
+
+
+def image_batch(likelihood: str, n: int = 8) -> dict:
+    """A batch of n images: stripes for a Bernoulli head, seeded random 3x8x8 uint8 for the mixture head."""
+    x = torch.as_tensor(stripes(n)) if likelihood == "bernoulli" else \
+        torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return {"index": torch.arange(n), "x": x}

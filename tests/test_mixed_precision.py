@@ -2,19 +2,13 @@
 engine on a CPU, and a CPU without bf16 kernels warns."""
 import pytest
 import torch
-from core_utils import ArrayDataset, build, stripes, tiny_image_config, tiny_run
+from core_utils import ArrayDataset, build, image_batch, stripes, tiny_image_config, tiny_run
 
 from biva_image.model import ImageVAE
 from shared.bounds import elbo
 from shared.engine import Trainer
-from shared.run_dir import write_run_config
 from shared.metrics_log import read_metrics
-
-
-def image_batch(likelihood, n=8):
-    x = torch.as_tensor(stripes(n)) if likelihood == "bernoulli" else \
-        torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return {"index": torch.arange(n), "x": x}
+from shared.run_dir import write_run_config
 
 
 @pytest.mark.parametrize("variant,likelihood", [("biva", "bernoulli"), ("lvae", "logistic-mixture")])
